@@ -1,0 +1,183 @@
+"""`DeltaMemConfig`: every knob of the δ-mem mechanism, validated, with a JSON round-trip.
+
+Defaults are the paper's released runs (rank 8, α = 16, Q/O branches, token-level writes, coupled
+rank-wise gates, ``base_slice_fixed`` output init with gain 0.05). See ``SPEC.md`` in the project docs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+BRANCHES = ("q", "k", "v", "o")
+WRITE_MODES = ("TSW", "SSW", "MSW")
+STATE_UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
+OUTPUT_INITS = ("base_slice_fixed", "zero")
+SCAN_BACKENDS = ("auto", "naive", "chunk", "fused")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"DeltaMemConfig.{name}={value!r} is invalid; allowed values: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class DeltaMemConfig:
+    """δ-mem hyper-parameters.
+
+    rank: r, the side of each r×r state (and the width of the memory q/k/v projections).
+    alpha: correction scale numerator; corrections are scaled by s = alpha / rank.
+    branches: which attention projections receive a correction Δh = s·U_h·r_t (subset of q, k, v, o).
+    write_mode: TSW (a write per token), SSW (a write per segment, from the mean hidden state of its
+        tokens; segment ids come with the input) or MSW (``num_substates`` parallel r×r states, token writes).
+    num_substates: H, the number of sub-states (MSW only; the paper uses 4). None → 4 for MSW, else 1.
+    couple_lambda: retention λ = 1 − β (True) or its own gate σ(W_λ x + b_λ).
+    rankwise_gates: one gate per state row (True) or one scalar gate per token.
+    state_update_mode: keep/erase/write coefficients: standard (λ, β, β), lambda_outside (λ, λβ, β),
+        no_lambda (1, β, β).
+    normalize_qk: memory q/k = L2norm(tanh(·)).
+    beta_bias_init: b_β at init (W_β = 0), so β starts at σ(−1.5) ≈ 0.18.
+    target_layers: decoder layer indices to attach to; None = all layers.
+    output_init: base_slice_fixed (U[:, :w] = gain·colnorm(W_base[:, :w]), w = min(8, r); the paper's
+        runs) or zero (an attached model is exactly the backbone whatever is written).
+    online_gain: g in the base_slice_fixed init.
+    scan_backend / chunk_size: which delta-rule implementation runs the writes (see ``deltamem.ops``).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    branches: tuple[str, ...] = ("q", "o")
+    write_mode: str = "TSW"
+    num_substates: int | None = None
+    couple_lambda: bool = True
+    rankwise_gates: bool = True
+    state_update_mode: str = "standard"
+    normalize_qk: bool = True
+    beta_bias_init: float = -1.5
+    target_layers: tuple[int, ...] | None = None
+    output_init: str = "base_slice_fixed"
+    online_gain: float = 0.05
+    base_slice_width: int = 8
+    scan_backend: str = "auto"
+    chunk_size: int = 16
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if isinstance(self.branches, str):
+            set_(self, "branches", tuple(b.strip() for b in self.branches.split(",") if b.strip()))
+        branches = tuple(dict.fromkeys(self.branches))  # de-duplicated, order kept
+        bad = [b for b in branches if b not in BRANCHES]
+        if bad or not branches:
+            raise ValueError(
+                f"DeltaMemConfig.branches={self.branches!r} is invalid; allowed: a non-empty subset of "
+                f"{', '.join(BRANCHES)}"
+            )
+        set_(self, "branches", branches)
+        if isinstance(self.write_mode, str):
+            set_(self, "write_mode", self.write_mode.upper())
+        _choice("write_mode", self.write_mode, WRITE_MODES)
+        _choice("state_update_mode", self.state_update_mode, STATE_UPDATE_MODES)
+        _choice("output_init", self.output_init, OUTPUT_INITS)
+        _choice("scan_backend", self.scan_backend, SCAN_BACKENDS)
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"DeltaMemConfig.rank={self.rank!r} is invalid; expected an integer >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"DeltaMemConfig.alpha={self.alpha!r} is invalid; expected a number > 0")
+        if self.num_substates is None:
+            set_(self, "num_substates", 4 if self.write_mode == "MSW" else 1)
+        n = self.num_substates
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"DeltaMemConfig.num_substates={n!r} is invalid; expected an integer >= 1")
+        if self.write_mode != "MSW" and n != 1:
+            raise ValueError(
+                f"DeltaMemConfig.num_substates={n} is only allowed with write_mode='MSW' "
+                f"(got write_mode={self.write_mode!r}); allowed for TSW/SSW: 1"
+            )
+        if self.target_layers is not None:
+            layers = tuple(int(i) for i in self.target_layers)
+            if not layers or any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+                raise ValueError(
+                    f"DeltaMemConfig.target_layers={self.target_layers!r} is invalid; expected None (all "
+                    "layers) or distinct non-negative layer indices"
+                )
+            set_(self, "target_layers", tuple(sorted(layers)))
+        if self.base_slice_width < 1:
+            raise ValueError(f"DeltaMemConfig.base_slice_width={self.base_slice_width!r}; expected >= 1")
+        if self.chunk_size < 1:
+            raise ValueError(f"DeltaMemConfig.chunk_size={self.chunk_size!r}; expected >= 1")
+        if not self.online_gain >= 0:
+            raise ValueError(f"DeltaMemConfig.online_gain={self.online_gain!r}; expected >= 0")
+
+    @property
+    def scale(self) -> float:
+        """s = α / r, the factor on every correction."""
+        return self.alpha / self.rank
+
+    @property
+    def state_dim(self) -> int:
+        """H·r: width of the memory projections and of the concatenated reads."""
+        return self.rank * int(self.num_substates or 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["branches"] = list(self.branches)
+        d["target_layers"] = None if self.target_layers is None else list(self.target_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeltaMemConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"DeltaMemConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        d = dict(data)
+        if isinstance(d.get("branches"), list):
+            d["branches"] = tuple(d["branches"])
+        if isinstance(d.get("target_layers"), list):
+            d["target_layers"] = tuple(d["target_layers"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DeltaMemConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_upstream(cls, data: dict[str, Any]) -> DeltaMemConfig:
+        """Map the reference implementation's ``delta_mem_config.json`` fields onto ours."""
+        granularity = str(data.get("memory_write_granularity", "token")).lower()
+        heads = int(data.get("num_state_heads", 1))
+        if granularity in ("message_mean", "sentence_mean"):
+            mode = "SSW"
+        elif granularity == "token":
+            mode = "MSW" if heads > 1 else "TSW"
+        else:
+            raise ValueError(
+                f"delta_mem_config.json: memory_write_granularity={granularity!r} is not supported; "
+                "allowed: token, message_mean, sentence_mean"
+            )
+        heads_field = data.get("delta_heads", BRANCHES)
+        if isinstance(heads_field, str):
+            heads_field = [h.strip() for h in heads_field.split(",") if h.strip()]
+        init = str(data.get("output_init", "zero"))
+        layers = data.get("target_layers") or None
+        return cls(
+            rank=int(data.get("rank", 8)),
+            alpha=float(data.get("alpha", 16.0)),
+            branches=tuple(heads_field),
+            write_mode=mode,
+            num_substates=heads,
+            couple_lambda=bool(data.get("couple_lambda", True)),
+            rankwise_gates=bool(data.get("rankwise_gates", True)),
+            state_update_mode=str(data.get("state_update_mode", "standard")),
+            normalize_qk=bool(data.get("normalize_qk", True)),
+            beta_bias_init=float(data.get("beta_bias_init", -1.5)),
+            target_layers=tuple(layers) if layers else None,
+            # imported weights replace the init; keep the closest of our two inits for the record
+            output_init="zero" if init == "zero" else "base_slice_fixed",
+            online_gain=float(data.get("online_gain", 0.05)),
+            base_slice_width=int(data.get("base_slice_ref_width", 8)),
+        )
