@@ -1,10 +1,10 @@
 """δ-mem: a tiny online memory for frozen LLMs (arXiv 2605.12357).
 
-    from deltamem import DeltaMemConfig, attach_delta_mem, load_adapter
-    model = attach_delta_mem(model, DeltaMemConfig(rank=8, write_mode="TSW", branches=("q", "o")))
-    state = model.write_memory(history_ids)
-    out = model.generate(question_ids, memory=state)
-    model.save_adapter("adapters/tsw")
+from deltamem import DeltaMemConfig, attach_delta_mem, load_adapter
+model = attach_delta_mem(model, DeltaMemConfig(rank=8, write_mode="TSW", branches=("q", "o")))
+state = model.write_memory(history_ids)
+out = model.generate(question_ids, memory=state)
+model.save_adapter("adapters/tsw")
 """
 
 from .adapter import load_adapter, read_adapter_config, save_adapter

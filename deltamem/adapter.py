@@ -104,9 +104,7 @@ def _upstream_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_adapter(
-    model: nn.Module, path: str | os.PathLike, check_backbone: bool = True
-) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, check_backbone: bool = True) -> nn.Module:
     """Load an adapter (ours or upstream) into ``model``, attaching δ-mem first if needed."""
     path = Path(path)
     config, meta = read_adapter_config(path)

@@ -107,7 +107,9 @@ class DeltaMemController:
     def _install_hooks(self) -> None:
         self._handles.append(self.decoder.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
         for i, attn in self.attns.items():
-            self._handles.append(attn.register_forward_pre_hook(functools.partial(self._memory_step, i), with_kwargs=True))
+            self._handles.append(
+                attn.register_forward_pre_hook(functools.partial(self._memory_step, i), with_kwargs=True)
+            )
             for branch in ("q", "k", "v", "o"):
                 proj = getattr(attn, f"{branch}_proj")
                 hook = functools.partial(self._add_correction, i, branch)
@@ -302,7 +304,7 @@ def write_memory(
             )
     if attention_mask is not None:  # padded rows: positions count real tokens only (as generate() does)
         positions = attention_mask.long().cumsum(-1) - 1
-        kwargs["position_ids"] = positions.clamp_min(0)[:, -input_ids.shape[1]:]
+        kwargs["position_ids"] = positions.clamp_min(0)[:, -input_ids.shape[1] :]
     with controller.use(state, write=True, segment_ids=segment_ids):
         controller.decoder(**kwargs)
     return state

@@ -100,9 +100,7 @@ class DeltaMemLayer(nn.Module):
     def corrections(self, reads: torch.Tensor) -> dict[str, torch.Tensor]:
         """reads [B, T, H, r] → {branch: s·U_h·reads} with shapes [B, T, out_features] (fp32)."""
         flat = reads.reshape(*reads.shape[:-2], -1)
-        return {
-            b: self.config.scale * F.linear(flat, getattr(self, f"delta_{b}_proj")) for b in self.config.branches
-        }
+        return {b: self.config.scale * F.linear(flat, getattr(self, f"delta_{b}_proj")) for b in self.config.branches}
 
     # --- the three ways a call can touch the state ------------------------------------------------
     @staticmethod
@@ -121,7 +119,10 @@ class DeltaMemLayer(nn.Module):
             read, new = delta_rule_step(state, *(a[:, 0] for a in args), None if mask is None else mask[:, 0])
             return read.unsqueeze(1), new
         return delta_rule(
-            *args, initial_state=state, mask=mask, backend=self.config.scan_backend,
+            *args,
+            initial_state=state,
+            mask=mask,
+            backend=self.config.scan_backend,
             chunk_size=self.config.chunk_size,
         )
 
@@ -155,7 +156,15 @@ class DeltaMemLayer(nn.Module):
         means = torch.einsum("bts,btd->bsd", onehot, x.float()) / onehot.sum(1).clamp_min(1.0).unsqueeze(-1)
         ps = self.project(means)
         _, new_state = delta_rule(
-            ps["q"], ps["k"], ps["v"], ps["keep"], ps["erase"], ps["write"], initial_state=state,
-            mask=seg_mask, backend=self.config.scan_backend, chunk_size=self.config.chunk_size,
+            ps["q"],
+            ps["k"],
+            ps["v"],
+            ps["keep"],
+            ps["erase"],
+            ps["write"],
+            initial_state=state,
+            mask=seg_mask,
+            backend=self.config.scan_backend,
+            chunk_size=self.config.chunk_size,
         )
         return reads, new_state

@@ -36,7 +36,5 @@ def load_embedded(dtype=None, attn_implementation: str | None = None):
     folder = embedded_folder()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=GGUF_FILE, dtype=dtype or torch.float32, **extra
-    )
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype or torch.float32, **extra)
     return model.eval(), tok

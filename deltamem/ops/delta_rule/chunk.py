@@ -96,11 +96,7 @@ def delta_rule_chunk(
     s = state
     for n in range(N):  # the only sequential part: one r×r affine map per row and chunk
         starts.append(s)
-        s = (
-            gamma_end[:, :, n].unsqueeze(-1) * s
-            + offset[:, :, n]
-            - (transfer[:, :, n] @ s.unsqueeze(-1)).squeeze(-1)
-        )
+        s = gamma_end[:, :, n].unsqueeze(-1) * s + offset[:, :, n] - (transfer[:, :, n] @ s.unsqueeze(-1)).squeeze(-1)
     s_start = torch.stack(starts, dim=2)  # [B, H, N, R, r]
     reads = read_u + (read_s @ s_start.unsqueeze(-1)).squeeze(-1)  # [B, H, N, R, C]
     reads = reads.permute(0, 2, 4, 1, 3).reshape(B, N * C, H, r)[:, :T]

@@ -57,17 +57,11 @@ def delta_rule_naive(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loop over T. Returns ``(reads [B, T, H, r], final_state [B, H, r, r])``."""
     B, T, H, r = q.shape
-    state = (
-        initial_state
-        if initial_state is not None
-        else torch.zeros(B, H, r, r, dtype=q.dtype, device=q.device)
-    )
+    state = initial_state if initial_state is not None else torch.zeros(B, H, r, r, dtype=q.dtype, device=q.device)
     reads = []
     for t in range(T):
         valid = None if mask is None else mask[:, t]
-        read, state = delta_rule_step(
-            state, q[:, t], k[:, t], v[:, t], keep[:, t], erase[:, t], write[:, t], valid
-        )
+        read, state = delta_rule_step(state, q[:, t], k[:, t], v[:, t], keep[:, t], erase[:, t], write[:, t], valid)
         reads.append(read)
     out = torch.stack(reads, dim=1) if reads else q.new_zeros(B, 0, H, r)
     return out, state
