@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -49,6 +50,11 @@ def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
         "layer0_q_mean_abs": float(q.abs().mean()),
         "layer0_q_std": float(q.std()),
     }
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The KV-cache keyword of a transformers forward: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 class DeltaMemController:
@@ -296,7 +302,7 @@ def write_memory(
             from transformers import DynamicCache
 
             state.cache = DynamicCache(config=model.config)
-        kwargs["past_key_values"] = state.cache
+        kwargs[cache_kwarg(controller.decoder)] = state.cache
         if attention_mask is not None and attention_mask.shape[1] != state.seen_tokens + input_ids.shape[1]:
             raise ValueError(
                 "with keep_cache=True, attention_mask must cover the cached tokens too: expected length "
