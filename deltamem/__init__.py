@@ -10,13 +10,17 @@ model.save_adapter("adapters/tsw")
 from .adapter import load_adapter, read_adapter_config, save_adapter
 from .attach import attach_delta_mem, detach_delta_mem, write_memory
 from .config import DeltaMemConfig
+from .session import MemorySession, encode_messages, format_message
 from .state import MemoryState
 
 __all__ = [
     "DeltaMemConfig",
+    "MemorySession",
     "MemoryState",
     "attach_delta_mem",
     "detach_delta_mem",
+    "encode_messages",
+    "format_message",
     "load_adapter",
     "read_adapter_config",
     "save_adapter",

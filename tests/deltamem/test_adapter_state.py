@@ -42,9 +42,9 @@ def test_save_load_round_trip(tmp_path):
 
 def test_load_onto_another_backbone_fails(tmp_path):
     attach_delta_mem(tiny_model("llama"), DeltaMemConfig()).save_adapter(tmp_path / "a")
-    with pytest.raises(ValueError, match="another backbone.*hidden_size|another backbone.*model_type"):
+    with pytest.raises(ValueError, match=r"another backbone.*(hidden_size|model_type)"):
         load_adapter(tiny_model("qwen3"), tmp_path / "a")
-    with pytest.raises(ValueError, match="another backbone.*layer0_q"):
+    with pytest.raises(ValueError, match=r"another backbone.*layer0_q"):
         load_adapter(tiny_model("llama", seed=1), tmp_path / "a")  # same shapes, different weights
     assert load_adapter(tiny_model("llama", seed=1), tmp_path / "a", check_backbone=False)
 

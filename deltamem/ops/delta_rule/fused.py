@@ -61,6 +61,9 @@ import triton.language as tl
 __all__ = ["default_chunk_size", "delta_rule_fused", "delta_rule_step_fused"]
 
 _TILE = 4096  # max values in a register tile (r³ row blocks, [SUB, r, r] replay buffers)
+# loop software-pipelining depth: the per-token loads do not depend on the state, so Triton prefetches
+# them this many iterations ahead (cp.async); without it every token step waits a full memory latency
+_STAGES = 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -68,8 +71,23 @@ _TILE = 4096  # max values in a register tile (r³ row blocks, [SUB, r, r] repla
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _load_token(
-    q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, b, t, h, T, H, rows, cols,
-    R: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    e_ptr,
+    w_ptr,
+    m_ptr,
+    b,
+    t,
+    h,
+    T,
+    H,
+    rows,
+    cols,
+    R: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):
     """q, k over key dims (``cols``); v and the gates over state rows (``rows``). Padding → identity step."""
     base = ((b * T + t) * H + h) * R
@@ -101,8 +119,24 @@ def _state_step(S, k, v, a, e, w):
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _chunk_maps_fwd(
-    q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, P_ptr, O_ptr, T, H, N, CHUNK,
-    R: tl.constexpr, ROWS: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    e_ptr,
+    w_ptr,
+    m_ptr,
+    P_ptr,
+    O_ptr,
+    T,
+    H,
+    N,
+    CHUNK,
+    R: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DTYPE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Per chunk and row block: transfer P [ROWS, r, r] and offset o [ROWS, r] of the chunk's affine map."""
     bh = tl.program_id(0).to(tl.int64)
@@ -116,10 +150,25 @@ def _chunk_maps_fwd(
     o = tl.zeros([ROWS, R], dtype=DTYPE)
     t0 = n * CHUNK
     n_tok = tl.minimum(CHUNK, T - t0)
-    for j in range(0, n_tok):
+    for j in tl.range(0, n_tok, num_stages=STAGES):
         _q, k, v, a, e, w, _valid = _load_token(
-            q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, b, t0 + j, h, T, H, rows, cols,
-            R, HAS_MASK, DTYPE,
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            a_ptr,
+            e_ptr,
+            w_ptr,
+            m_ptr,
+            b,
+            t0 + j,
+            h,
+            T,
+            H,
+            rows,
+            cols,
+            R,
+            HAS_MASK,
+            DTYPE,
         )
         kP = tl.sum(k[None, :, None] * P, axis=1)  # kᵀ P_i, [ROWS, r]
         P = a[:, None, None] * P - (e[:, None] * kP)[:, None, :] * k[None, :, None]
@@ -131,8 +180,16 @@ def _chunk_maps_fwd(
 
 @triton.jit
 def _affine_scan(
-    P_ptr, O_ptr, X0_ptr, X_ptr, N,
-    R: tl.constexpr, ROWS: tl.constexpr, REVERSE: tl.constexpr, DTYPE: tl.constexpr,
+    P_ptr,
+    O_ptr,
+    X0_ptr,
+    X_ptr,
+    N,
+    R: tl.constexpr,
+    ROWS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Sequential over chunks. Forward: x_{n+1} = P_n x_n + o_n, X[n] = x_n (X has N + 1 entries).
 
@@ -144,28 +201,19 @@ def _affine_scan(
     off2 = rows[:, None] * R + cols[None, :]
     off3 = rows[:, None, None] * R * R + cols[None, :, None] * R + cols[None, None, :]
     x = tl.load(X0_ptr + bh * R * R + off2).to(DTYPE)
-    if REVERSE:
-        n = N - 1
-        step = -1
-    else:
-        n = 0
-        step = 1
-    P = tl.load(P_ptr + (bh * N + n) * R * R * R + off3)
-    o = tl.load(O_ptr + (bh * N + n) * R * R + off2)
-    for _ in range(0, N):
-        # prefetch the next map (clamped at the ends: a harmless reload) before using this one
-        nxt = tl.minimum(tl.maximum(n + step, 0), N - 1)
-        P_next = tl.load(P_ptr + (bh * N + nxt) * R * R * R + off3)
-        o_next = tl.load(O_ptr + (bh * N + nxt) * R * R + off2)
+    for i in tl.range(0, N, num_stages=STAGES):  # the pipeliner prefetches the next maps
         if REVERSE:
+            n = N - 1 - i
             tl.store(X_ptr + (bh * (N + 1) + n + 1) * R * R + off2, x)
+        else:
+            n = i
+            tl.store(X_ptr + (bh * (N + 1) + n) * R * R + off2, x)
+        P = tl.load(P_ptr + (bh * N + n) * R * R * R + off3)
+        o = tl.load(O_ptr + (bh * N + n) * R * R + off2)
+        if REVERSE:
             x = tl.sum(P * x[:, :, None], axis=1) + o
         else:
-            tl.store(X_ptr + (bh * (N + 1) + n) * R * R + off2, x)
             x = tl.sum(P * x[:, None, :], axis=2) + o
-        P = P_next
-        o = o_next
-        n = n + step
     if REVERSE:
         tl.store(X_ptr + bh * (N + 1) * R * R + off2, x)
     else:
@@ -174,8 +222,23 @@ def _affine_scan(
 
 @triton.jit
 def _chunk_reads_fwd(
-    q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, S_ptr, r_ptr, T, H, N, CHUNK,
-    R: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    e_ptr,
+    w_ptr,
+    m_ptr,
+    S_ptr,
+    r_ptr,
+    T,
+    H,
+    N,
+    CHUNK,
+    R: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DTYPE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Reads of one chunk, replayed token by token from its start state (read before write)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -186,7 +249,7 @@ def _chunk_reads_fwd(
     S = tl.load(S_ptr + (bh * (N + 1) + n) * R * R + idx[:, None] * R + idx[None, :])
     t0 = n * CHUNK
     n_tok = tl.minimum(CHUNK, T - t0)
-    for j in range(0, n_tok):
+    for j in tl.range(0, n_tok, num_stages=STAGES):
         t = t0 + j
         q, k, v, a, e, w, valid = _load_token(
             q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, b, t, h, T, H, idx, idx, R, HAS_MASK, DTYPE
@@ -201,8 +264,21 @@ def _chunk_reads_fwd(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _chunk_adj_bwd(
-    q_ptr, k_ptr, a_ptr, e_ptr, m_ptr, dr_ptr, D_ptr, T, H, N, CHUNK,
-    R: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    a_ptr,
+    e_ptr,
+    m_ptr,
+    dr_ptr,
+    D_ptr,
+    T,
+    H,
+    N,
+    CHUNK,
+    R: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DTYPE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Adjoint at a chunk's start from its own reads only: g ← diag(a) g − diag(e) (g k) kᵀ + dr qᵀ, reversed."""
     bh = tl.program_id(0).to(tl.int64)
@@ -213,7 +289,7 @@ def _chunk_adj_bwd(
     g = tl.zeros([R, R], dtype=DTYPE)
     t0 = n * CHUNK
     n_tok = tl.minimum(CHUNK, T - t0)
-    for jj in range(0, n_tok):
+    for jj in tl.range(0, n_tok, num_stages=STAGES):
         t = t0 + n_tok - 1 - jj
         base = ((b * T + t) * H + h) * R
         q = tl.load(q_ptr + base + idx).to(DTYPE)
@@ -233,9 +309,31 @@ def _chunk_adj_bwd(
 
 @triton.jit
 def _chunk_grads_bwd(
-    q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, dr_ptr, S_ptr, G_ptr,
-    dq_ptr, dk_ptr, dv_ptr, da_ptr, de_ptr, dw_ptr, T, H, N, CHUNK,
-    R: tl.constexpr, SUB: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    e_ptr,
+    w_ptr,
+    m_ptr,
+    dr_ptr,
+    S_ptr,
+    G_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    da_ptr,
+    de_ptr,
+    dw_ptr,
+    T,
+    H,
+    N,
+    CHUNK,
+    R: tl.constexpr,
+    SUB: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DTYPE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Per-token gradients of one chunk from its start state S[n] and its end adjoint G[n + 1]."""
     bh = tl.program_id(0).to(tl.int64)
@@ -253,27 +351,73 @@ def _chunk_grads_bwd(
         sb = n_sub - 1 - sbi
         ts = t0 + sb * SUB  # first token of this sub-block
         S = tl.load(S_ptr + (bh * (N + 1) + n) * R * R + off2).to(DTYPE)
-        for j in range(0, sb * SUB):  # recompute the state at the sub-block start (no-op if SUB >= CHUNK)
+        # recompute the state at the sub-block start (no iterations when SUB >= CHUNK)
+        for j in tl.range(0, sb * SUB, num_stages=STAGES):
             _q, k, v, a, e, w, _valid = _load_token(
-                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, b, t0 + j, h, T, H, idx, idx,
-                R, HAS_MASK, DTYPE,
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                a_ptr,
+                e_ptr,
+                w_ptr,
+                m_ptr,
+                b,
+                t0 + j,
+                h,
+                T,
+                H,
+                idx,
+                idx,
+                R,
+                HAS_MASK,
+                DTYPE,
             )
             S = _state_step(S, k, v, a, e, w)
         sb_len = tl.minimum(SUB, n_tok - sb * SUB)
         buf = tl.zeros([SUB, R, R], dtype=DTYPE)  # buf[j] = state before token ts + j
-        for j in range(0, sb_len):
+        for j in tl.range(0, sb_len, num_stages=STAGES):
             _q, k, v, a, e, w, _valid = _load_token(
-                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, b, ts + j, h, T, H, idx, idx,
-                R, HAS_MASK, DTYPE,
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                a_ptr,
+                e_ptr,
+                w_ptr,
+                m_ptr,
+                b,
+                ts + j,
+                h,
+                T,
+                H,
+                idx,
+                idx,
+                R,
+                HAS_MASK,
+                DTYPE,
             )
             buf = tl.where((slot == j)[:, None, None], S[None, :, :], buf)
             S = _state_step(S, k, v, a, e, w)
-        for jj in range(0, sb_len):
+        for jj in tl.range(0, sb_len, num_stages=STAGES):
             j = sb_len - 1 - jj
             t = ts + j
             q, k, v, a, e, w, valid = _load_token(
-                q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, b, t, h, T, H, idx, idx,
-                R, HAS_MASK, DTYPE,
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                a_ptr,
+                e_ptr,
+                w_ptr,
+                m_ptr,
+                b,
+                t,
+                h,
+                T,
+                H,
+                idx,
+                idx,
+                R,
+                HAS_MASK,
+                DTYPE,
             )
             base = ((b * T + t) * H + h) * R
             dr = tl.where(valid, tl.load(dr_ptr + base + idx).to(DTYPE), 0.0)
@@ -299,8 +443,20 @@ def _chunk_grads_bwd(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_step(
-    S_ptr, q_ptr, k_ptr, v_ptr, a_ptr, e_ptr, w_ptr, m_ptr, r_ptr, out_ptr, H,
-    R: tl.constexpr, HAS_MASK: tl.constexpr, DTYPE: tl.constexpr,
+    S_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    a_ptr,
+    e_ptr,
+    w_ptr,
+    m_ptr,
+    r_ptr,
+    out_ptr,
+    H,
+    R: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):
     """One token for one (b, h): read then write, state loaded and stored once."""
     bh = tl.program_id(0).to(tl.int64)
@@ -370,6 +526,7 @@ class _DeltaRuleFused(torch.autograd.Function):
         state0: torch.Tensor,
         mask: torch.Tensor | None,
         chunk: int,
+        sub: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H, R = q.shape
         cdt = _compute_dtype(q, state0)
@@ -382,21 +539,55 @@ class _DeltaRuleFused(torch.autograd.Function):
         P = torch.empty(B * H, N, R, R, R, device=dev, dtype=cdt)
         O = torch.empty(B * H, N, R, R, device=dev, dtype=cdt)
         _chunk_maps_fwd[(B * H, N, R // rows)](
-            q, k, v, keep, erase, write, m, P, O, T, H, N, chunk,
-            R=R, ROWS=rows, HAS_MASK=has_mask, DTYPE=DT, num_warps=_warps(rows * R * R),
+            q,
+            k,
+            v,
+            keep,
+            erase,
+            write,
+            m,
+            P,
+            O,
+            T,
+            H,
+            N,
+            chunk,
+            R=R,
+            ROWS=rows,
+            HAS_MASK=has_mask,
+            DTYPE=DT,
+            STAGES=_STAGES,
+            num_warps=_warps(rows * R * R),
         )
         S = torch.empty(B * H, N + 1, R, R, device=dev, dtype=cdt)  # chunk-start states + final
         _affine_scan[(B * H, R // rows)](
-            P, O, state0, S, N, R=R, ROWS=rows, REVERSE=False, DTYPE=DT, num_warps=_warps(rows * R * R)
+            P, O, state0, S, N, R=R, ROWS=rows, REVERSE=False, DTYPE=DT, STAGES=_STAGES, num_warps=_warps(rows * R * R)
         )
         reads = torch.empty(B, T, H, R, device=dev, dtype=torch.promote_types(q.dtype, state0.dtype))
         _chunk_reads_fwd[(B * H, N)](
-            q, k, v, keep, erase, write, m, S, reads, T, H, N, chunk,
-            R=R, HAS_MASK=has_mask, DTYPE=DT, num_warps=_warps(R * R),
+            q,
+            k,
+            v,
+            keep,
+            erase,
+            write,
+            m,
+            S,
+            reads,
+            T,
+            H,
+            N,
+            chunk,
+            R=R,
+            HAS_MASK=has_mask,
+            DTYPE=DT,
+            STAGES=_STAGES,
+            num_warps=_warps(R * R),
         )
-        final = S[:, N].reshape(B, H, R, R).to(state0.dtype)
+        final = S[:, N].reshape(B, H, R, R).to(state0.dtype, copy=True)  # not a view of a saved buffer
         ctx.save_for_backward(q, k, v, keep, erase, write, mask, S, P)
         ctx.chunk = chunk
+        ctx.sub = sub
         ctx.state_dtype = state0.dtype
         return reads, final
 
@@ -411,27 +602,60 @@ class _DeltaRuleFused(torch.autograd.Function):
         cdt = S.dtype
         DT = _TL_DTYPE[cdt]
         rows = min(R, max(1, _TILE // (R * R)))
-        sub = min(triton.next_power_of_2(chunk), max(1, _TILE // (R * R)))
+        sub: int = ctx.sub
         has_mask = mask is not None
         m = mask if has_mask else q
         d_reads = d_reads.contiguous()
         D = torch.empty(B * H, N, R, R, device=q.device, dtype=cdt)
         _chunk_adj_bwd[(B * H, N)](
-            q, k, keep, erase, m, d_reads, D, T, H, N, chunk,
-            R=R, HAS_MASK=has_mask, DTYPE=DT, num_warps=_warps(R * R),
+            q,
+            k,
+            keep,
+            erase,
+            m,
+            d_reads,
+            D,
+            T,
+            H,
+            N,
+            chunk,
+            R=R,
+            HAS_MASK=has_mask,
+            DTYPE=DT,
+            STAGES=_STAGES,
+            num_warps=_warps(R * R),
         )
         G = torch.empty(B * H, N + 1, R, R, device=q.device, dtype=cdt)  # adjoints at chunk boundaries
         g_final = d_final.to(cdt).contiguous()
         _affine_scan[(B * H, R // rows)](
-            P, D, g_final, G, N, R=R, ROWS=rows, REVERSE=True, DTYPE=DT, num_warps=_warps(rows * R * R)
+            P, D, g_final, G, N, R=R, ROWS=rows, REVERSE=True, DTYPE=DT, STAGES=_STAGES, num_warps=_warps(rows * R * R)
         )
         grads = [torch.empty_like(x) for x in (q, k, v, keep, erase, write)]
         _chunk_grads_bwd[(B * H, N)](
-            q, k, v, keep, erase, write, m, d_reads, S, G, *grads, T, H, N, chunk,
-            R=R, SUB=sub, HAS_MASK=has_mask, DTYPE=DT, num_warps=_warps(sub * R * R),
+            q,
+            k,
+            v,
+            keep,
+            erase,
+            write,
+            m,
+            d_reads,
+            S,
+            G,
+            *grads,
+            T,
+            H,
+            N,
+            chunk,
+            R=R,
+            SUB=sub,
+            HAS_MASK=has_mask,
+            DTYPE=DT,
+            STAGES=_STAGES,
+            num_warps=_warps(sub * R * R),
         )
         d_state0 = G[:, 0].reshape(B, H, R, R).to(ctx.state_dtype)
-        return (*grads, d_state0, None, None)
+        return (*grads, d_state0, None, None, None)
 
 
 def delta_rule_fused(
@@ -445,11 +669,13 @@ def delta_rule_fused(
     mask: torch.Tensor | None = None,
     *,
     chunk_size: int | None = None,
+    replay_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton scan. Returns ``(reads [B, T, H, r], final_state [B, H, r, r])``, equal to the naive loop.
 
     ``chunk_size``: tokens per chunk (default :func:`default_chunk_size`); any positive int works.
-    Differentiable in q, k, v, keep, erase, write and ``initial_state``.
+    ``replay_size``: tokens per backward replay sub-block, a power of two (default: the chunk, capped at
+    4096 / r² values in registers). Differentiable in q, k, v, keep, erase, write and ``initial_state``.
     """
     B, T, H, R = q.shape
     _check_r(R)
@@ -464,9 +690,12 @@ def delta_rule_fused(
     chunk = chunk_size if chunk_size is not None else default_chunk_size(T)
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk}")
+    sub = replay_size if replay_size is not None else min(triton.next_power_of_2(chunk), _TILE // (R * R))
+    if sub < 1 or sub & (sub - 1):
+        raise ValueError(f"replay_size must be a power of two, got {sub}")
     q, k, v, keep, erase, write = (x.contiguous() for x in (q, k, v, keep, erase, write))
     return _DeltaRuleFused.apply(
-        q, k, v, keep, erase, write, initial_state.contiguous(), _mask_i8(mask, B, T), int(chunk)
+        q, k, v, keep, erase, write, initial_state.contiguous(), _mask_i8(mask, B, T), int(chunk), int(sub)
     )
 
 
@@ -485,9 +714,7 @@ def delta_rule_step_fused(
     ``state`` [B, H, r, r], the rest [B, H, r], ``valid`` [B] bool. Returns (read, new state). Inference
     only: when autograd needs gradients through it, it falls back to the (differentiable) PyTorch step.
     """
-    if torch.is_grad_enabled() and any(
-        x.requires_grad for x in (state, q, k, v, keep, erase, write)
-    ):
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (state, q, k, v, keep, erase, write)):
         from .naive import delta_rule_step
 
         return delta_rule_step(state, q, k, v, keep, erase, write, valid)
@@ -502,7 +729,20 @@ def delta_rule_step_fused(
     read = torch.empty(B, H, R, device=q.device, dtype=torch.promote_types(q.dtype, state.dtype))
     new_state = torch.empty_like(state)
     _decode_step[(B * H,)](
-        state, q, k, v, keep, erase, write, m, read, new_state, H,
-        R=R, HAS_MASK=has_mask, DTYPE=_TL_DTYPE[_compute_dtype(q, state)], num_warps=1,
+        state,
+        q,
+        k,
+        v,
+        keep,
+        erase,
+        write,
+        m,
+        read,
+        new_state,
+        H,
+        R=R,
+        HAS_MASK=has_mask,
+        DTYPE=_TL_DTYPE[_compute_dtype(q, state)],
+        num_warps=1,
     )
     return read, new_state

@@ -1,0 +1,132 @@
+"""`deltamem` console entry point.
+
+    deltamem chat --backbone embedded --adapter models/TSW            # interactive REPL
+    deltamem chat --backbone embedded --adapter models/TSW --script turns.jsonl
+
+A chat script is JSON Lines; each line is one of
+    {"role": "user" | "assistant" | "system", "content": "..."}   write this turn into the memory
+    {"ask": "...", "write": false}                                  answer from the memory (prints JSON)
+    {"save": "path/to/session"}                                     save the session (state + history)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    from . import DeltaMemConfig, attach_delta_mem, load_adapter
+    from .backbones import load_backbone
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model, tok = load_backbone(args.backbone, dtype=dtype)
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    else:
+        print(
+            "note: no --adapter given: δ-mem attached with zero corrections (answers = the backbone's)", file=sys.stderr
+        )
+        model = attach_delta_mem(model, DeltaMemConfig(output_init="zero"))
+    return model.eval(), tok
+
+
+def read_script(path: Path) -> list[dict[str, Any]]:
+    """Parse and check a chat script before any model is loaded."""
+    items = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: invalid JSON ({e.msg})") from e
+            ok = isinstance(item, dict) and ("ask" in item or "save" in item or ("role" in item and "content" in item))
+            if not ok:
+                got = sorted(item) if isinstance(item, dict) else type(item).__name__
+                raise SystemExit(f"{path}:{n}: expected a line with 'ask', 'role'+'content' or 'save', got {got}")
+            items.append(item)
+    return items
+
+
+def _run_script(session: Any, items: list[dict[str, Any]], out) -> None:
+    for item in items:
+        if "ask" in item:
+            answer = session.ask(item["ask"], write_turn=bool(item.get("write", False)))
+            out.write(json.dumps({"ask": item["ask"], "answer": answer}) + "\n")
+            out.flush()
+        elif "save" in item:
+            session.save(item["save"])
+        else:
+            session.add_message(item["role"], item["content"])
+
+
+def _repl(session: Any) -> None:
+    print("δ-mem chat. Lines are written into the memory; '? question' asks; ':save DIR'; ':quit'.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in (":q", ":quit", ":exit"):
+            break
+        if line.startswith(":save "):
+            session.save(line[6:].strip())
+            print(f"saved to {line[6:].strip()}")
+        elif line.startswith("?"):
+            print(session.ask(line[1:].strip(), write_turn=True))
+        else:
+            session.add_message("user", line)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .session import MemorySession
+
+    if args.script and not Path(args.script).is_file():
+        raise SystemExit(f"--script: file not found: {args.script}")
+    items = read_script(Path(args.script)) if args.script else None
+    model, tok = _load_model(args)
+    if args.session and Path(args.session).exists():
+        session = MemorySession.load(args.session, model, tok)
+    else:
+        session = MemorySession(model, tok, args.system, args.recent_turns, args.max_new_tokens)
+    if items is not None:
+        _run_script(session, items, sys.stdout)
+    else:
+        _repl(session)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltamem", description="δ-mem: online memory for frozen LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="chat with a memory: write turns into the state, ask from it")
+    chat.add_argument(
+        "--backbone", default="embedded", help="hub id, local folder, or 'embedded' (SmolLM2-135M, offline)"
+    )
+    chat.add_argument("--adapter", help="adapter directory (ours or upstream format); omit for zero corrections")
+    chat.add_argument("--script", help="JSON Lines chat script to run non-interactively (see `deltamem chat --help`)")
+    chat.add_argument("--session", help="resume the session saved in this directory, if it exists")
+    chat.add_argument("--system", default=None, help="system prompt for questions")
+    chat.add_argument("--recent-turns", type=int, default=0, help="also put the last N turns in the prompt as text")
+    chat.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
