@@ -15,8 +15,7 @@ Forward, three launches:
 1. ``_chunk_maps_fwd``  grid (B·H, N, row blocks): per chunk, P and o by running the C token maps in
    registers (independent of the state, so all chunks run in parallel);
 2. ``_affine_scan``      grid (B·H, row blocks): the only sequential part, N = ⌈T/C⌉ steps
-   ``s ← P s + o``; stores every chunk-start state (the checkpoints) and the final state. The next
-   chunk's map is loaded before the current one is applied, so its latency overlaps the math;
+   ``s ← P s + o``; stores every chunk-start state (the checkpoints) and the final state;
 3. ``_chunk_reads_fwd``  grid (B·H, N): reads, replaying each chunk token by token from its start state.
 
 Backward (a ``torch.autograd.Function``), three launches, no per-token state kept from the forward:
@@ -31,7 +30,11 @@ Backward (a ``torch.autograd.Function``), three launches, no per-token state kep
    the chunk start (≈ C/(2·SUB) extra token steps each); SUB·r² is kept ≤ 4096 values.
 
 Sequential depth ≈ 2C + T/C steps forward (C ≈ √T by default) instead of T, and the intra-chunk work is
-per-token (r² per token and row block, r³ per token for the chunk maps), which is cheap at r ≤ 16.
+per-token (r² per token and row block, r³ per token for the chunk maps), which is cheap at r ≤ 16. All
+loops are ``tl.range(..., num_stages=_STAGES)``: their loads do not depend on the carried state, so the
+software pipeliner prefetches them (cp.async) a few iterations ahead and a token step does not wait a
+full memory latency. Memory kept for the backward: the inputs, one r×r state per chunk and the chunk
+maps (r³/C values per token and sub-state, 4 at r = 8 and C = 128).
 The WY/UT form would replace the in-chunk token loops by triangular solves and matmuls; it is left for
 a later version once the GPU numbers show where the time goes.
 
@@ -46,8 +49,9 @@ state is kept in its own dtype (float32 when not given). Reads come out in
 ``torch.promote_types(q.dtype, state.dtype)``, gradients in each input's dtype.
 
 CPU: only under ``TRITON_INTERPRET=1`` (slow, for tests), which must be set before this module is
-imported, since ``triton.jit`` decides at decoration time. No autotuning: one fixed launch config per
-shape (``num_warps`` from the tile size), which also keeps the interpreter happy.
+imported, since ``triton.jit`` decides at decoration time. :func:`compile_kernels` compiles everything
+for an H100 (sm_90) without a GPU, to catch what the interpreter does not. No autotuning: one fixed
+launch config per shape (``num_warps`` from the tile size), which also keeps the interpreter happy.
 """
 
 from __future__ import annotations
@@ -484,33 +488,88 @@ def _decode_step(
 # ----------------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------------
+
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+_KERNELS = {
+    "maps": _chunk_maps_fwd,
+    "scan": _affine_scan,
+    "reads": _chunk_reads_fwd,
+    "adjoint": _chunk_adj_bwd,
+    "scan_T": _affine_scan,
+    "grads": _chunk_grads_bwd,
+    "decode": _decode_step,
+}
 
 
 def default_chunk_size(T: int) -> int:
     """≈ √T (a power of two in [16, 256]): balances the in-chunk replays against the sequential scan."""
-    return min(256, max(16, triton.next_power_of_2(max(1, math.isqrt(max(T, 1))))))
+    return min(256, max(16, triton.next_power_of_2(math.isqrt(max(T, 1)))))
+
+
+def default_replay_size(chunk: int, r: int) -> int:
+    """The backward replay sub-block: the whole chunk if [chunk, r, r] fits in ``_TILE`` values."""
+    return max(1, min(triton.next_power_of_2(chunk), _TILE // (r * r)))
+
+
+def _rows(r: int) -> int:  # state rows per program in the r³ kernels (r = 32: 4 rows of 32×32)
+    return min(r, max(1, _TILE // (r * r)))
+
+
+def _warps(elems: int) -> int:  # tiles are tiny: 1 warp up to 1024 values, at most 4
+    return max(1, min(4, elems // 1024))
+
+
+def _meta(name: str, r: int, dtype: tl.dtype, has_mask: bool, sub: int = 1) -> dict[str, object]:
+    """Compile-time arguments and ``num_warps`` of each kernel; shared by the launches and AOT checks."""
+    rows = _rows(r)
+    if name in ("scan", "scan_T"):
+        meta = dict(
+            R=r, ROWS=rows, REVERSE=name == "scan_T", DTYPE=dtype, STAGES=_STAGES, num_warps=_warps(rows * r * r)
+        )
+    elif name == "maps":
+        meta = dict(R=r, ROWS=rows, HAS_MASK=has_mask, DTYPE=dtype, STAGES=_STAGES, num_warps=_warps(rows * r * r))
+    elif name == "grads":
+        meta = dict(R=r, SUB=sub, HAS_MASK=has_mask, DTYPE=dtype, STAGES=_STAGES, num_warps=_warps(sub * r * r))
+    elif name == "decode":
+        meta = dict(R=r, HAS_MASK=has_mask, DTYPE=dtype, num_warps=1)
+    else:  # reads, adjoint
+        meta = dict(R=r, HAS_MASK=has_mask, DTYPE=dtype, STAGES=_STAGES, num_warps=_warps(r * r))
+    return meta
+
+
+def compile_kernels(r: int, *, arch: int = 90, fp64: bool = False, has_mask: bool = True) -> dict[str, object]:
+    """Compile every kernel for an NVIDIA target (``arch`` 90 = H100) without a GPU; {name: CompiledKernel}.
+
+    Catches what the interpreter cannot: unsupported ops, type errors in loops, shapes the GPU backend
+    rejects. Not available under ``TRITON_INTERPRET=1`` (the kernels are then Python functions).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    _check_r(r)
+    if not hasattr(_affine_scan, "arg_names"):
+        raise RuntimeError("compile_kernels needs the compiled kernels: import without TRITON_INTERPRET=1")
+    dtype, ptr = (tl.float64, "*fp64") if fp64 else (tl.float32, "*fp32")
+    out: dict[str, object] = {}
+    for name, kernel in _KERNELS.items():
+        meta = _meta(name, r, dtype, has_mask, sub=default_replay_size(256, r))
+        warps = meta.pop("num_warps")
+        sig = {
+            a: "constexpr" if a in meta else "*i8" if a == "m_ptr" else ptr if a.endswith("_ptr") else "i32"
+            for a in kernel.arg_names
+        }
+        src = ASTSource(fn=kernel, signature=sig, constexprs=meta)
+        out[name] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return out
 
 
 def _check_r(r: int) -> None:
     if r < 2 or r & (r - 1) or r > 64:
-        raise ValueError(f"fused delta rule needs r a power of two in [2, 64], got r={r}")
-
-
-def _warps(elems: int) -> int:
-    return max(1, min(4, elems // 1024))
+        raise ValueError(f"the fused delta rule needs r a power of two in [2, 64], got r={r}")
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _mask_i8(mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if mask.shape != (B, T):
-        raise ValueError(f"mask must be [B, T] = {(B, T)}, got {tuple(mask.shape)}")
-    return mask.to(torch.int8).contiguous()
 
 
 class _DeltaRuleFused(torch.autograd.Function):
@@ -530,65 +589,20 @@ class _DeltaRuleFused(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H, R = q.shape
         cdt = _compute_dtype(q, state0)
-        DT = _TL_DTYPE[cdt]
-        N = triton.cdiv(T, chunk)
-        rows = min(R, max(1, _TILE // (R * R)))
-        has_mask = mask is not None
+        dt, rows, has_mask = _TL_DTYPE[cdt], _rows(R), mask is not None
         m = mask if has_mask else q  # dummy pointer, never read
-        dev = q.device
-        P = torch.empty(B * H, N, R, R, R, device=dev, dtype=cdt)
-        O = torch.empty(B * H, N, R, R, device=dev, dtype=cdt)
-        _chunk_maps_fwd[(B * H, N, R // rows)](
-            q,
-            k,
-            v,
-            keep,
-            erase,
-            write,
-            m,
-            P,
-            O,
-            T,
-            H,
-            N,
-            chunk,
-            R=R,
-            ROWS=rows,
-            HAS_MASK=has_mask,
-            DTYPE=DT,
-            STAGES=_STAGES,
-            num_warps=_warps(rows * R * R),
-        )
-        S = torch.empty(B * H, N + 1, R, R, device=dev, dtype=cdt)  # chunk-start states + final
-        _affine_scan[(B * H, R // rows)](
-            P, O, state0, S, N, R=R, ROWS=rows, REVERSE=False, DTYPE=DT, STAGES=_STAGES, num_warps=_warps(rows * R * R)
-        )
-        reads = torch.empty(B, T, H, R, device=dev, dtype=torch.promote_types(q.dtype, state0.dtype))
-        _chunk_reads_fwd[(B * H, N)](
-            q,
-            k,
-            v,
-            keep,
-            erase,
-            write,
-            m,
-            S,
-            reads,
-            T,
-            H,
-            N,
-            chunk,
-            R=R,
-            HAS_MASK=has_mask,
-            DTYPE=DT,
-            STAGES=_STAGES,
-            num_warps=_warps(R * R),
-        )
+        N = triton.cdiv(T, chunk)
+        P = q.new_empty(B * H, N, R, R, R, dtype=cdt)  # chunk transfer maps, per row
+        O = q.new_empty(B * H, N, R, R, dtype=cdt)  # chunk offsets
+        tokens = (q, k, v, keep, erase, write, m)
+        _chunk_maps_fwd[(B * H, N, R // rows)](*tokens, P, O, T, H, N, chunk, **_meta("maps", R, dt, has_mask))
+        S = q.new_empty(B * H, N + 1, R, R, dtype=cdt)  # chunk-start states, then the final state
+        _affine_scan[(B * H, R // rows)](P, O, state0, S, N, **_meta("scan", R, dt, has_mask))
+        reads = q.new_empty(B, T, H, R, dtype=torch.promote_types(q.dtype, state0.dtype))
+        _chunk_reads_fwd[(B * H, N)](*tokens, S, reads, T, H, N, chunk, **_meta("reads", R, dt, has_mask))
         final = S[:, N].reshape(B, H, R, R).to(state0.dtype, copy=True)  # not a view of a saved buffer
         ctx.save_for_backward(q, k, v, keep, erase, write, mask, S, P)
-        ctx.chunk = chunk
-        ctx.sub = sub
-        ctx.state_dtype = state0.dtype
+        ctx.chunk, ctx.sub, ctx.state_dtype = chunk, sub, state0.dtype
         return reads, final
 
     @staticmethod
@@ -596,64 +610,25 @@ class _DeltaRuleFused(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, d_reads: torch.Tensor, d_final: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, keep, erase, write, mask, S, P = ctx.saved_tensors
-        chunk: int = ctx.chunk
+        chunk, sub = ctx.chunk, ctx.sub
         B, T, H, R = q.shape
         N = S.shape[1] - 1
         cdt = S.dtype
-        DT = _TL_DTYPE[cdt]
-        rows = min(R, max(1, _TILE // (R * R)))
-        sub: int = ctx.sub
-        has_mask = mask is not None
+        dt, rows, has_mask = _TL_DTYPE[cdt], _rows(R), mask is not None
         m = mask if has_mask else q
         d_reads = d_reads.contiguous()
-        D = torch.empty(B * H, N, R, R, device=q.device, dtype=cdt)
+        D = q.new_empty(B * H, N, R, R, dtype=cdt)  # per-chunk adjoint offsets
         _chunk_adj_bwd[(B * H, N)](
-            q,
-            k,
-            keep,
-            erase,
-            m,
-            d_reads,
-            D,
-            T,
-            H,
-            N,
-            chunk,
-            R=R,
-            HAS_MASK=has_mask,
-            DTYPE=DT,
-            STAGES=_STAGES,
-            num_warps=_warps(R * R),
+            q, k, keep, erase, m, d_reads, D, T, H, N, chunk, **_meta("adjoint", R, dt, has_mask)
         )
-        G = torch.empty(B * H, N + 1, R, R, device=q.device, dtype=cdt)  # adjoints at chunk boundaries
+        G = q.new_empty(B * H, N + 1, R, R, dtype=cdt)  # adjoints at the chunk boundaries
         g_final = d_final.to(cdt).contiguous()
-        _affine_scan[(B * H, R // rows)](
-            P, D, g_final, G, N, R=R, ROWS=rows, REVERSE=True, DTYPE=DT, STAGES=_STAGES, num_warps=_warps(rows * R * R)
-        )
+        _affine_scan[(B * H, R // rows)](P, D, g_final, G, N, **_meta("scan_T", R, dt, has_mask))
         grads = [torch.empty_like(x) for x in (q, k, v, keep, erase, write)]
         _chunk_grads_bwd[(B * H, N)](
-            q,
-            k,
-            v,
-            keep,
-            erase,
-            write,
-            m,
-            d_reads,
-            S,
-            G,
-            *grads,
-            T,
-            H,
-            N,
-            chunk,
-            R=R,
-            SUB=sub,
-            HAS_MASK=has_mask,
-            DTYPE=DT,
-            STAGES=_STAGES,
-            num_warps=_warps(sub * R * R),
-        )
+            q, k, v, keep, erase, write, m, d_reads, S, G, *grads, T, H, N, chunk,
+            **_meta("grads", R, dt, has_mask, sub=sub),
+        )  # fmt: skip
         d_state0 = G[:, 0].reshape(B, H, R, R).to(ctx.state_dtype)
         return (*grads, d_state0, None, None, None)
 
@@ -674,29 +649,30 @@ def delta_rule_fused(
     """Triton scan. Returns ``(reads [B, T, H, r], final_state [B, H, r, r])``, equal to the naive loop.
 
     ``chunk_size``: tokens per chunk (default :func:`default_chunk_size`); any positive int works.
-    ``replay_size``: tokens per backward replay sub-block, a power of two (default: the chunk, capped at
-    4096 / r² values in registers). Differentiable in q, k, v, keep, erase, write and ``initial_state``.
+    ``replay_size``: tokens per backward replay sub-block, a power of two (default
+    :func:`default_replay_size`). Differentiable in q, k, v, keep, erase, write and ``initial_state``.
     """
     B, T, H, R = q.shape
     _check_r(R)
     for name, x in (("k", k), ("v", v), ("keep", keep), ("erase", erase), ("write", write)):
         if x.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+    if mask is not None and mask.shape != (B, T):
+        raise ValueError(f"mask must be [B, T] = {(B, T)}, got {tuple(mask.shape)}")
     state_dtype = initial_state.dtype if initial_state is not None else _compute_dtype(q)
     if initial_state is None:
-        initial_state = torch.zeros(B, H, R, R, device=q.device, dtype=state_dtype)
+        initial_state = q.new_zeros(B, H, R, R, dtype=state_dtype)
     if T == 0:
         return q.new_zeros(B, 0, H, R, dtype=torch.promote_types(q.dtype, state_dtype)), initial_state
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(T)
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(T)
+    sub = int(replay_size) if replay_size is not None else default_replay_size(chunk, R)
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk}")
-    sub = replay_size if replay_size is not None else min(triton.next_power_of_2(chunk), _TILE // (R * R))
     if sub < 1 or sub & (sub - 1):
         raise ValueError(f"replay_size must be a power of two, got {sub}")
     q, k, v, keep, erase, write = (x.contiguous() for x in (q, k, v, keep, erase, write))
-    return _DeltaRuleFused.apply(
-        q, k, v, keep, erase, write, initial_state.contiguous(), _mask_i8(mask, B, T), int(chunk), int(sub)
-    )
+    m = mask.to(torch.int8).contiguous() if mask is not None else None
+    return _DeltaRuleFused.apply(q, k, v, keep, erase, write, initial_state.contiguous(), m, chunk, sub)
 
 
 def delta_rule_step_fused(
@@ -726,23 +702,10 @@ def delta_rule_step_fused(
     q, k, v, keep, erase, write = (x.contiguous() for x in (q, k, v, keep, erase, write))
     has_mask = valid is not None
     m = valid.to(torch.int8).contiguous() if valid is not None else q
-    read = torch.empty(B, H, R, device=q.device, dtype=torch.promote_types(q.dtype, state.dtype))
+    read = q.new_empty(B, H, R, dtype=torch.promote_types(q.dtype, state.dtype))
     new_state = torch.empty_like(state)
+    dt = _TL_DTYPE[_compute_dtype(q, state)]
     _decode_step[(B * H,)](
-        state,
-        q,
-        k,
-        v,
-        keep,
-        erase,
-        write,
-        m,
-        read,
-        new_state,
-        H,
-        R=R,
-        HAS_MASK=has_mask,
-        DTYPE=_TL_DTYPE[_compute_dtype(q, state)],
-        num_warps=1,
+        state, q, k, v, keep, erase, write, m, read, new_state, H, **_meta("decode", R, dt, has_mask)
     )
     return read, new_state
