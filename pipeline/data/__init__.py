@@ -168,13 +168,14 @@ class Provenance:
     hf_config: str | None = None
     hf_split: str | None = None
     revision: str | None = None
+    fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict without empty fields."""
         out: dict[str, Any] = {"origin": self.origin}
         if self.files:
             out["files"] = self.files
-        for key in ("hf_id", "hf_config", "hf_split", "revision"):
+        for key in ("hf_id", "hf_config", "hf_split", "revision", "fingerprint"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -273,6 +274,7 @@ def load_split(
             hf_config=raw.hf_config,
             hf_split=raw.hf_split,
             revision=raw.revision,
+            fingerprint=raw.fingerprint,
         )
     if limit is not None:
         examples = examples[:limit]

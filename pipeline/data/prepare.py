@@ -25,7 +25,7 @@ from typing import Any
 from . import DATASETS, load_split
 from .errors import DataError
 from .schema import SCHEMA_VERSION, Example, contexts_path, write_split
-from .sources import sha256_file
+from .sources import is_hf, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -93,7 +93,7 @@ def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
             continue
         splits = entry.split_names()
         source_path = None
-        if entry.source and entry.name != "synthetic" and not entry.source.startswith("hf"):
+        if entry.source and entry.name != "synthetic" and entry.source != "hf" and not is_hf(entry.source):
             source_path = Path(os.path.expandvars(entry.source)).expanduser()
             source_path = source_path if source_path.is_absolute() else base_dir / source_path
             if source_path.is_file() and len(splits) > 1 and not entry.files:

@@ -30,7 +30,9 @@ class RawSplit:
             for ``.json`` files: the reader checks its shape).
         origin: human-readable origin used in error messages (a file path or ``hf:<id>[<split>]``).
         files: local input files (hashed into the manifest).
-        hf_id / hf_config / hf_split / revision: set for hub sources.
+        hf_id / hf_config / hf_split / revision: set for hub sources (``revision`` as requested: pin
+            one in params.yaml for reproducible runs; no network call is made to resolve it).
+        fingerprint: the ``datasets`` fingerprint of the loaded split (identifies its content).
     """
 
     records: Any
@@ -40,6 +42,7 @@ class RawSplit:
     hf_config: str | None = None
     hf_split: str | None = None
     revision: str | None = None
+    fingerprint: str | None = None
 
 
 def is_hf(source: str | None) -> bool:
@@ -145,12 +148,13 @@ def read_hf(hf_id: str, split: str, config: str | None = None, revision: str | N
             "download the files elsewhere and give a local path as the source",
             source=origin,
         ) from None
-    info_rev = getattr(getattr(ds, "info", None), "version", None)
+    fingerprint = getattr(ds, "_fingerprint", None)
     return RawSplit(
         records=[dict(row) for row in ds],
         origin=origin,
         hf_id=hf_id,
         hf_config=config,
         hf_split=split,
-        revision=revision or (str(info_rev) if info_rev else None),
+        revision=revision,
+        fingerprint=str(fingerprint) if fingerprint else None,
     )

@@ -451,3 +451,61 @@ def test_hub_source_without_datasets_package_is_a_clear_error(monkeypatch):
         load_split("memoryagentbench", "cr", "hf")
     with pytest.raises(DataError, match="locomo is not on the Hugging Face hub"):
         load_split("locomo", "test", "hf")
+
+
+class _FakeHub:
+    """Stands in for the ``datasets`` package: serves rows from memory and records the calls."""
+
+    def __init__(self, rows: dict[tuple[str, str | None, str], list[dict]]) -> None:
+        self.rows = rows
+        self.calls: list[tuple] = []
+
+    def load_dataset(self, hf_id, config=None, split=None, revision=None):
+        self.calls.append((hf_id, config, split, revision))
+        if (hf_id, config, split) not in self.rows:
+            raise ValueError(f"Unknown split {split!r}")
+        return self.rows[(hf_id, config, split)]
+
+
+def test_hub_sources_use_the_usual_ids_splits_and_configs(monkeypatch):
+    import sys
+
+    hub_ifeval_row = {  # the hub copy fills every kwargs dict with all keys set to null
+        "key": 1000,
+        "prompt": "Write without commas.",
+        "instruction_id_list": ["punctuation:no_comma", "detectable_format:number_highlighted_sections"],
+        "kwargs": [{"num_highlights": None, "relation": None}, {"num_highlights": 3, "relation": None}],
+    }
+    fake = _FakeHub(
+        {
+            ("google/IFEval", None, "train"): [hub_ifeval_row],
+            ("hotpotqa/hotpot_qa", "distractor", "validation"): [_hotpot_to_hf(r) for r in HOTPOT],
+            ("ai-hyz/MemoryAgentBench", None, "Conflict_Resolution"): _mab_rows(),
+            ("me/my-qasper", None, "test"): [_qasper_to_hf(pid, p) for pid, p in QASPER_ALLENAI.items()],
+        }
+    )
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+
+    examples, prov = load_split("ifeval", "test", "hf", revision="abc123")
+    assert examples[0].kwargs == [{}, {"num_highlights": 3}]
+    assert prov.to_dict() == {
+        "origin": "hf:google/IFEval[train]",
+        "hf_id": "google/IFEval",
+        "hf_split": "train",
+        "revision": "abc123",
+    }
+    hotpot, prov = load_split("hotpotqa", "validation", "hf")
+    assert [e.answers for e in hotpot] == [["Alpha Owls"], ["Porto"]] and prov.hf_config == "distractor"
+    mab, _ = load_split("memoryagentbench", "cr", "hf")
+    assert {e.category for e in mab} == {"conflict_resolution"}
+    qasper, _ = load_split("qasper", "test", "hf:me/my-qasper")
+    assert len(qasper) == 3
+    assert fake.calls == [
+        ("google/IFEval", None, "train", "abc123"),
+        ("hotpotqa/hotpot_qa", "distractor", "validation", None),
+        ("ai-hyz/MemoryAgentBench", None, "Conflict_Resolution", None),
+        ("me/my-qasper", None, "test", None),
+    ]
+    with pytest.raises(DataError) as err:
+        load_split("qasper", "nope", "hf")
+    assert str(err.value).startswith("hf:allenai/qasper[nope]: could not load from the hub (ValueError: Unknown")
