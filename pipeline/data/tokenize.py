@@ -346,3 +346,24 @@ class Packer:
             read_truncated=r_trunc,
             meta={"task": example.task, "category": example.category},
         )
+
+
+def collate_read(batch: Sequence[PackedExample], pad_id: int) -> dict[str, Any]:
+    """Right-pad the READ segments of a batch into tensors ``input_ids``, ``attention_mask``, ``labels``.
+
+    Padding positions get ``pad_id`` in ``input_ids``, 0 in ``attention_mask`` and ``-100`` in ``labels``.
+    """
+    import torch
+
+    if not batch:
+        raise ValueError("empty batch")
+    width = max(len(p.read_input_ids) for p in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, packed in enumerate(batch):
+        n = len(packed.read_input_ids)
+        ids[row, :n] = torch.tensor(packed.read_input_ids, dtype=torch.long)
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(packed.read_labels, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -158,3 +158,20 @@ def test_bad_packer_settings(smol_tokenizer):
         Packer(smol_tokenizer, write_length=0)
     with pytest.raises(ValueError):
         Packer(smol_tokenizer, overflow="drop")  # type: ignore[arg-type]
+
+
+def test_collate_read_pads_with_ignored_labels(smol_tokenizer):
+    from pipeline.data.tokenize import collate_read
+
+    packer = Packer(smol_tokenizer)
+    short = packer.pack(Example(example_id="a", task="t", question="Q?", answers=["yes"]))
+    long = packer.pack(Example(example_id="b", task="t", question="A much longer question here?", answers=["no"]))
+    batch = collate_read([short, long], pad_id=smol_tokenizer.pad_token_id)
+    n_short, n_long = len(short.read_input_ids), len(long.read_input_ids)
+    assert n_short < n_long and batch["input_ids"].shape == (2, n_long)
+    assert batch["input_ids"][0, :n_short].tolist() == short.read_input_ids
+    assert batch["attention_mask"][0].tolist() == [1] * n_short + [0] * (n_long - n_short)
+    assert batch["labels"][0].tolist() == short.read_labels + [IGNORE_INDEX] * (n_long - n_short)
+    assert batch["labels"][1].tolist() == long.read_labels
+    with pytest.raises(ValueError):
+        collate_read([], pad_id=0)
