@@ -1,10 +1,15 @@
 """Triton kernels of the delta rule against the naive reference: reads, final state, every gradient, decode.
 
-On CPU they run under the Triton interpreter. ``triton.jit`` picks interpreter or compiler when a kernel
-is *decorated*, i.e. when ``deltamem.ops.delta_rule.fused`` is imported, and reads ``TRITON_INTERPRET``
-at that moment (Triton ≥ 3 reads it through ``triton.knobs`` on every access, so importing triton itself
-earlier does no harm). The ``fused`` fixture therefore sets the variable, then imports (or re-imports)
-the module, and restores both afterwards so no other test module sees interpreted kernels.
+On CPU they run under the Triton interpreter, which has to be chosen before triton is imported:
+``triton.jit`` decides at decoration time, and that includes triton's own ``@jit`` helpers in
+``triton.language`` (``tl.zeros``, ``tl.sum``...), decorated when triton is first imported. So this module
+sets ``TRITON_INTERPRET=1`` when it is collected and imports the fused module lazily in a fixture.
+
+In a full ``pytest`` run, another test module has usually imported triton already, compiled
+(``from transformers import LlamaForCausalLM`` does). Then these tests skip here, and
+``test_fused_suite_in_fresh_process`` runs this file in a fresh process and fails if anything fails there.
+The variable stays set until this module's tests end (it only makes ``fused_available`` true on CPU);
+then it is restored and the fused module is dropped.
 
 ``DELTAMEM_FUSED_TEST_DEVICE=cuda`` runs the same tests with the compiled kernels on a GPU instead.
 The interpreter costs ~2 ms per program and token step: sizes are kept to B·H·T ≲ 120 per case.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -29,6 +35,16 @@ import torch.nn.functional as F
 from deltamem.ops.delta_rule import delta_rule
 from deltamem.ops.delta_rule.naive import delta_rule_naive, delta_rule_step
 
+MODULE = "deltamem.ops.delta_rule.fused"
+ON_GPU = os.environ.get("DELTAMEM_FUSED_TEST_DEVICE", "cpu") == "cuda"
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+REPO = Path(__file__).resolve().parents[2]
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+_TRITON_IMPORTED_COMPILED = "triton" in sys.modules and _PREVIOUS_INTERPRET != "1"
+IN_CHILD = os.environ.get("DELTAMEM_FUSED_TEST_CHILD") == "1"  # run by test_fused_suite_in_fresh_process
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (see the module docstring)
+
 pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(
@@ -36,11 +52,6 @@ pytestmark = [
         reason="triton is not installed (pip install 'deltamem[kernels]'); the fused kernels are untested",
     ),
 ]
-
-MODULE = "deltamem.ops.delta_rule.fused"
-ON_GPU = os.environ.get("DELTAMEM_FUSED_TEST_DEVICE", "cpu") == "cuda"
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +62,21 @@ def fused() -> Iterator[ModuleType]:
             pytest.skip("DELTAMEM_FUSED_TEST_DEVICE=cuda but no CUDA device")
         yield importlib.import_module(MODULE)
         return
-    previous = os.environ.get("TRITON_INTERPRET")
+    if _TRITON_IMPORTED_COMPILED:
+        pytest.skip(
+            "triton was imported (compiled) before this module could set TRITON_INTERPRET=1; "
+            "test_fused_suite_in_fresh_process runs these tests in a fresh process"
+        )
     os.environ["TRITON_INTERPRET"] = "1"
-    was_loaded = MODULE in sys.modules
     module = importlib.import_module(MODULE)
-    if was_loaded and hasattr(module._affine_scan, "arg_names"):  # imported earlier with compiled kernels
-        module = importlib.reload(module)
+    assert module.interpreted(), f"{MODULE} was imported before TRITON_INTERPRET=1 was set"
     try:
         yield module
     finally:
-        if previous is None:
+        if _PREVIOUS_INTERPRET is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
-            os.environ["TRITON_INTERPRET"] = previous
+            os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
         sys.modules.pop(MODULE, None)  # the next import decorates the kernels afresh
         parent = sys.modules.get("deltamem.ops.delta_rule")
         if parent is not None and hasattr(parent, "fused"):
@@ -273,6 +286,20 @@ def test_edge_cases_and_validation(fused: ModuleType) -> None:
         fused.delta_rule_fused(*one, mask=torch.ones(1, 2, dtype=torch.bool, device=DEVICE))
 
 
+def test_fused_suite_in_fresh_process() -> None:
+    """When this process cannot interpret the kernels, run this file where it can; fail if anything fails."""
+    if ON_GPU or not _TRITON_IMPORTED_COMPILED:
+        pytest.skip("not needed: the fused tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DELTAMEM_FUSED_TEST_CHILD": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 15 and "failed" not in summary, summary
+
+
+@pytest.mark.skipif(IN_CHILD, reason="already run by the parent process")
 def test_cpu_path_does_not_import_triton() -> None:
     code = """
         import sys, torch
@@ -286,6 +313,7 @@ def test_cpu_path_does_not_import_triton() -> None:
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
 
 
+@pytest.mark.skipif(IN_CHILD, reason="already run by the parent process")
 def test_kernels_compile_for_h100() -> None:
     """Ahead-of-time compile for sm_90 (no GPU needed): what the interpreter cannot check."""
     code = """

@@ -48,8 +48,9 @@ Precision: computed in float32 (float64 when the inputs or the state are float64
 state is kept in its own dtype (float32 when not given). Reads come out in
 ``torch.promote_types(q.dtype, state.dtype)``, gradients in each input's dtype.
 
-CPU: only under ``TRITON_INTERPRET=1`` (slow, for tests), which must be set before this module is
-imported, since ``triton.jit`` decides at decoration time. :func:`compile_kernels` compiles everything
+CPU: only under ``TRITON_INTERPRET=1`` (slow, for tests), which must be set before triton is first
+imported: ``triton.jit`` decides at decoration time, for these kernels and for triton's own ``tl.*``
+helpers. :func:`compile_kernels` compiles everything
 for an H100 (sm_90) without a GPU, to catch what the interpreter does not. No autotuning: one fixed
 launch config per shape (``num_warps`` from the tile size), which also keeps the interpreter happy.
 """
@@ -62,7 +63,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["default_chunk_size", "delta_rule_fused", "delta_rule_step_fused"]
+__all__ = [
+    "compile_kernels",
+    "default_chunk_size",
+    "default_replay_size",
+    "delta_rule_fused",
+    "delta_rule_step_fused",
+    "interpreted",
+]
 
 _TILE = 4096  # max values in a register tile (r³ row blocks, [SUB, r, r] replay buffers)
 # loop software-pipelining depth: the per-token loads do not depend on the state, so Triton prefetches
@@ -537,6 +545,11 @@ def _meta(name: str, r: int, dtype: tl.dtype, has_mask: bool, sub: int = 1) -> d
     return meta
 
 
+def interpreted() -> bool:
+    """Whether this module's kernels were decorated under ``TRITON_INTERPRET=1`` (Python, CPU tensors)."""
+    return not isinstance(_affine_scan, triton.runtime.JITFunction)
+
+
 def compile_kernels(r: int, *, arch: int = 90, fp64: bool = False, has_mask: bool = True) -> dict[str, object]:
     """Compile every kernel for an NVIDIA target (``arch`` 90 = H100) without a GPU; {name: CompiledKernel}.
 
@@ -547,7 +560,7 @@ def compile_kernels(r: int, *, arch: int = 90, fp64: bool = False, has_mask: boo
     from triton.compiler import ASTSource
 
     _check_r(r)
-    if not hasattr(_affine_scan, "arg_names"):
+    if interpreted():
         raise RuntimeError("compile_kernels needs the compiled kernels: import without TRITON_INTERPRET=1")
     dtype, ptr = (tl.float64, "*fp64") if fp64 else (tl.float32, "*fp32")
     out: dict[str, object] = {}
