@@ -57,6 +57,7 @@ launch config per shape (``num_warps`` from the tile size), which also keeps the
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -581,6 +582,11 @@ def _check_r(r: int) -> None:
         raise ValueError(f"the fused delta rule needs r a power of two in [2, 64], got r={r}")
 
 
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one (no-op on CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -678,6 +684,7 @@ def delta_rule_fused(
     if T == 0:
         return q.new_zeros(B, 0, H, R, dtype=torch.promote_types(q.dtype, state_dtype)), initial_state
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(T)
+    chunk = max(chunk, triton.cdiv(T, 65535))  # N chunks is a grid dimension: CUDA caps it at 65535
     sub = int(replay_size) if replay_size is not None else default_replay_size(chunk, R)
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk}")
@@ -685,7 +692,8 @@ def delta_rule_fused(
         raise ValueError(f"replay_size must be a power of two, got {sub}")
     q, k, v, keep, erase, write = (x.contiguous() for x in (q, k, v, keep, erase, write))
     m = mask.to(torch.int8).contiguous() if mask is not None else None
-    return _DeltaRuleFused.apply(q, k, v, keep, erase, write, initial_state.contiguous(), m, chunk, sub)
+    with _on_device(q):
+        return _DeltaRuleFused.apply(q, k, v, keep, erase, write, initial_state.contiguous(), m, chunk, sub)
 
 
 def delta_rule_step_fused(
@@ -718,7 +726,8 @@ def delta_rule_step_fused(
     read = q.new_empty(B, H, R, dtype=torch.promote_types(q.dtype, state.dtype))
     new_state = torch.empty_like(state)
     dt = _TL_DTYPE[_compute_dtype(q, state)]
-    _decode_step[(B * H,)](
-        state, q, k, v, keep, erase, write, m, read, new_state, H, **_meta("decode", R, dt, has_mask)
-    )
+    with _on_device(q):
+        _decode_step[(B * H,)](
+            state, q, k, v, keep, erase, write, m, read, new_state, H, **_meta("decode", R, dt, has_mask)
+        )
     return read, new_state
