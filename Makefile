@@ -18,7 +18,7 @@ bench:
 	$(VENV)/python bench/core_overhead.py
 
 repro:
-	$(VENV)/dvc repro
+	. $(VENV)/activate && dvc repro
 
 ui:
 	$(VENV)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db

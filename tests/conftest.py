@@ -6,6 +6,11 @@ import importlib.util
 import os
 from pathlib import Path
 
+# Triton kernels are tested under the interpreter unless a GPU run is asked for; the variable must be
+# set before anything (transformers included) first imports triton.
+if os.environ.get("DELTAMEM_FUSED_TEST_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
