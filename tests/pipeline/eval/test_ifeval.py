@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from pipeline.data import load_split
 from pipeline.data.schema import Example
 from pipeline.eval.metrics.ifeval import (
     CHECKERS,
@@ -16,6 +17,7 @@ from pipeline.eval.metrics.ifeval import (
     loose_variants,
 )
 from pipeline.eval.tasks import get_task
+from tests.pipeline.conftest import shared_file
 
 DATA_IDS = {
     "change_case:capital_word_frequency",
@@ -219,8 +221,6 @@ def _jsonl(path):
 
 @pytest.fixture(scope="module")
 def reference():
-    from tests.pipeline.conftest import shared_file
-
     inputs = {r["prompt"]: r for r in _jsonl(shared_file("ifeval/input_data.jsonl"))}
     responses = {
         r["prompt"]: r["response"] for r in _jsonl(shared_file("ifeval/input_response_data_gpt4_20231107_145030.jsonl"))
@@ -275,3 +275,18 @@ def test_the_random_upstream_case_depends_on_the_letter(reference):
     assert check_instruction("keywords:letter_frequency", response, kw)  # 4 hashtags, literally
     assert check_instruction("keywords:letter_frequency", response, {**kw, "letter": "e"})  # upstream strict draw
     assert not check_instruction("keywords:letter_frequency", response, {**kw, "letter": "z"})  # a loose-like draw
+
+
+def test_task_aggregate_on_reference_responses(reference):
+    """Reader → task → aggregate reproduces the official strict accuracies (and loose ones up to key 1122)."""
+    _inputs, strict, loose, _ = reference
+    examples, _ = load_split("ifeval", "test", source=str(shared_file("ifeval/input_data.jsonl")))
+    task = get_task("ifeval")
+    responses = {p: strict[p]["response"] for p in strict}
+    agg = task.aggregate(task.score_row(e, responses[e.question]) for e in examples)
+    assert agg["n"] == 540 and agg["n_instructions"] == 832
+    assert (round(agg["prompt_level_strict_acc"], 3), round(agg["inst_level_strict_acc"], 3)) == (0.772, 0.838)
+    # loose: the official 0.796 / 0.856 plus the one randomly-scored instruction of key 1122
+    assert agg["prompt_level_loose_acc"] == pytest.approx((430 + 1) / 540)
+    assert agg["inst_level_loose_acc"] == pytest.approx((712 + 1) / 832)
+    assert sum(all(r["follow_instruction_list"]) for r in loose.values()) == 430

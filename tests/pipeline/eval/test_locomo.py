@@ -9,6 +9,7 @@ from pipeline.data import load_split
 from pipeline.data.schema import Example, Segment
 from pipeline.eval.tasks import get_task
 from pipeline.eval.tasks.locomo import CONV_START, NO_INFORMATION, TEMPORAL_HINT, LoCoMoTask
+from tests.pipeline.conftest import shared_file
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 
@@ -176,8 +177,6 @@ def test_history_messages_one_per_turn_with_session_headers():
 
 @pytest.fixture(scope="module")
 def locomo_examples():
-    from tests.pipeline.conftest import shared_file
-
     path = shared_file("locomo/locomo10.json")
     examples, _ = load_split("locomo", "test", source=str(path))
     return examples
