@@ -239,7 +239,9 @@ def aggregate_means(headline_rows: Sequence[ScoredRow], all_rows: Sequence[Score
     return out
 
 
-def first_index(example: Example) -> int:
-    """``metadata["question_index"]`` (0 when absent): the question's position in its context."""
-    value = example.metadata.get("question_index", 0)
-    return int(value) if isinstance(value, int | float | str) and str(value).lstrip("-").isdigit() else 0
+def question_index(example: Example) -> int:
+    """``metadata["question_index"]`` (0 when absent or not a number): the question's position in its context."""
+    try:
+        return int(example.metadata.get("question_index", 0))
+    except (TypeError, ValueError):
+        return 0

@@ -27,7 +27,7 @@ from pipeline.data.schema import Example, Segment
 from pipeline.data.tokenize import DEFAULT_WRITE_SYSTEM, RenderConfig
 
 from ..metrics.text import first_line, locomo_abstains, locomo_f1, locomo_multi_f1, strip_answer_prefix
-from .base import Decoding, DecodingMode, Message, ScoredRow, Task, aggregate_means, first_index, mean
+from .base import Decoding, DecodingMode, Message, ScoredRow, Task, aggregate_means, mean, question_index
 
 SYSTEM = (
     "You are a helpful, respectful and honest assistant whose job is to understand the following conversation "
@@ -135,7 +135,7 @@ class LoCoMoTask(Task):
         super().decoding(example, mode, index)
         if mode == "greedy":
             return Decoding(max_new_tokens=self.max_new_tokens)
-        position = index if index is not None else (first_index(example) if example is not None else 0)
+        position = index if index is not None else (question_index(example) if example is not None else 0)
         return Decoding(
             max_new_tokens=self.max_new_tokens, do_sample=True, seed=PAPER_SEED + position, **PAPER_SAMPLING
         )

@@ -207,3 +207,17 @@ def test_full_locomo_prompt_lists_every_session(locomo_examples):
     hinted = [e for e in locomo_examples if TEMPORAL_HINT.strip() in task.question_messages(e)[-1]["content"]]
     assert hinted and all(e.category == "temporal" for e in hinted)
     assert len(hinted) == sum(e.category == "temporal" for e in locomo_examples)
+
+
+def test_fit_context_with_the_embedded_tokenizer(locomo_examples, smol_tokenizer):
+    task = get_task("locomo")
+    ex = locomo_examples[0]
+
+    def count(text: str) -> int:
+        return len(smol_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    fitted = task.fit_context(ex, 2048, count)
+    assert 1800 < count(fitted) <= 2048  # close to the budget: only whole turns are dropped
+    assert fitted.startswith(CONV_START.format(a=ex.metadata["speakers"][0], b=ex.metadata["speakers"][1]))
+    assert fitted.endswith(f'{ex.segments[-1].speaker} said, "{ex.segments[-1].text}"')  # newest turn kept
+    assert f"DATE: {ex.segments[-1].timestamp}" in fitted
