@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DeltaMemConfig
-from .ops.delta_rule import delta_rule, delta_rule_step
+from .ops.delta_rule import delta_rule, delta_rule_decode
 
 
 class DeltaMemLayer(nn.Module):
@@ -116,7 +116,8 @@ class DeltaMemLayer(nn.Module):
         """TSW/MSW: one write per token (read before each write). Returns (reads, new state)."""
         args = (p["q"], p["k"], p["v"], p["keep"], p["erase"], p["write"])
         if args[0].shape[1] == 1:  # decoding: one fused step, no scan set-up
-            read, new = delta_rule_step(state, *(a[:, 0] for a in args), None if mask is None else mask[:, 0])
+            valid = None if mask is None else mask[:, 0]
+            read, new = delta_rule_decode(state, *(a[:, 0] for a in args), valid, backend=self.config.scan_backend)
             return read.unsqueeze(1), new
         return delta_rule(
             *args,

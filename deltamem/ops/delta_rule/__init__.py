@@ -16,7 +16,15 @@ from .naive import delta_rule_naive, delta_rule_step
 
 BACKENDS = ("auto", "naive", "chunk", "fused")
 
-__all__ = ["BACKENDS", "delta_rule", "delta_rule_chunk", "delta_rule_naive", "delta_rule_step", "fused_available"]
+__all__ = [
+    "BACKENDS",
+    "delta_rule",
+    "delta_rule_chunk",
+    "delta_rule_decode",
+    "delta_rule_naive",
+    "delta_rule_step",
+    "fused_available",
+]
 
 
 def fused_available(device: torch.device | None = None) -> bool:
@@ -28,6 +36,38 @@ def fused_available(device: torch.device | None = None) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return device is not None and device.type == "cuda"
+
+
+def _resolve(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "fused" if x.is_cuda and fused_available(x.device) else "chunk"
+    if backend == "fused" and not fused_available(x.device):
+        raise RuntimeError(
+            "backend='fused' needs Triton (pip install 'deltamem[kernels]') and a CUDA device "
+            "(or TRITON_INTERPRET=1 for the CPU interpreter)"
+        )
+    return backend
+
+
+def delta_rule_decode(
+    state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    erase: torch.Tensor,
+    write: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token (decoding): the fused one-launch step on CUDA, the PyTorch step otherwise."""
+    if _resolve(backend, q) == "fused":
+        from .fused import delta_rule_step_fused
+
+        return delta_rule_step_fused(state, q, k, v, keep, erase, write, valid)
+    return delta_rule_step(state, q, k, v, keep, erase, write, valid)
 
 
 def delta_rule(
@@ -43,19 +83,11 @@ def delta_rule(
     chunk_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the scan with the chosen backend. ``auto``: fused on CUDA with Triton, else chunk."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        backend = "fused" if q.is_cuda and fused_available(q.device) else "chunk"
+    backend = _resolve(backend, q)
     if backend == "naive":
         return delta_rule_naive(q, k, v, keep, erase, write, initial_state, mask)
     if backend == "chunk":
         return delta_rule_chunk(q, k, v, keep, erase, write, initial_state, mask, chunk_size=chunk_size)
-    if not fused_available(q.device):
-        raise RuntimeError(
-            "backend='fused' needs Triton (pip install 'deltamem[kernels]') and a CUDA device "
-            "(or TRITON_INTERPRET=1 for the CPU interpreter)"
-        )
     from .fused import delta_rule_fused
 
     return delta_rule_fused(q, k, v, keep, erase, write, initial_state, mask)
