@@ -1,0 +1,31 @@
+"""DVC stage ``backbone``: save the configured backbone as a plain Hugging Face folder (models/backbone).
+
+python stages/backbone.py [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.params import ParamsError, load_section
+from pipeline.train.run import BackboneParams, prepare_backbone
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        p = load_section(args.params, "backbone", BackboneParams)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = prepare_backbone(p, Path(args.params).resolve().parent)
+    print(f"backbone saved to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""DVC stage ``train@<variant>``: δ-mem SFT of one variant → models/<variant>/, results/train/<variant>/.
+
+python stages/train.py --variant TSW [--params params.yaml] [--no-tracking]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.params import ParamsError, load_section
+from pipeline.train.run import TrainParams, run_train
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    args = ap.parse_args(argv)
+    try:
+        p = load_section(args.params, "train", TrainParams)
+        p.deltamem_config(args.variant)
+    except (ParamsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metrics = run_train(p, args.variant, Path(args.params).resolve().parent, log_mlflow=not args.no_tracking)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The SFT trainer on a tiny random Llama with the real embedded tokenizer and synthetic episodes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deltamem import DeltaMemConfig
+from pipeline.data.synthetic import config_from_options, generate_split
+from pipeline.data.tokenize import Packer
+from pipeline.train.trainer import TrainConfig, collate_episodes, episode_forward, evaluate_loss, lr_lambda, train
+
+
+@pytest.fixture(scope="module")
+def episodes(smol_tokenizer):
+    cfg = config_from_options(
+        {"seed": 3, "dialogues": {"train": 3, "validation": 1}, "sessions": 2, "facts_per_dialogue": 2}
+    )
+    packer = Packer(smol_tokenizer, write_length=256, read_length=64, overflow="truncate")
+    return [packer.pack(e) for e in generate_split(cfg, "train")]
+
+
+def tiny(vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def small_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"steps": 6, "batch_size": 2, "grad_accum": 1, "lr": 5e-3, "warmup_ratio": 0.2, **kw})
+
+
+def test_schedule_shapes():
+    f = lr_lambda(TrainConfig(steps=10, warmup_ratio=0.2))
+    assert [round(f(s), 3) for s in (0, 1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0) and f(9) < 0.1
+    assert lr_lambda(TrainConfig(steps=10, warmup_ratio=0.0, schedule="linear"))(5) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="train.schedule"):
+        TrainConfig(schedule="exp")
+
+
+def test_collate_masks_and_labels(episodes, smol_tokenizer):
+    b = collate_episodes(episodes[:2], smol_tokenizer.eos_token_id)
+    assert b["write_ids"].shape == b["write_mask"].shape == b["segment_ids"].shape
+    assert ((b["segment_ids"] >= 0) == b["write_mask"].bool()).all()
+    n_answer = sum(sum(1 for x in e.read_labels if x != -100) for e in episodes[:2])
+    assert int((b["labels"] != -100).sum()) == n_answer > 0
+
+
+def test_training_lowers_loss_and_leaves_backbone_untouched(episodes, smol_tokenizer, tmp_path):
+    model = tiny(len(smol_tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pad = smol_tokenizer.eos_token_id
+    result = train(model, episodes, pad, DeltaMemConfig(), small_cfg(steps=12), tmp_path, progress=False)
+    assert result.history[-1]["answer_ce"] < result.history[0]["answer_ce"]
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "training_summary.json").is_file()
+    assert evaluate_loss(model, episodes[:4], pad, "written") < evaluate_loss(model, episodes[:4], pad, "none")
+
+
+@pytest.mark.parametrize("mode", ["TSW", "SSW", "MSW"])
+def test_write_path_gets_gradients_through_the_state(episodes, smol_tokenizer, mode):
+    from deltamem import attach_delta_mem
+
+    model = attach_delta_mem(tiny(len(smol_tokenizer)), DeltaMemConfig(write_mode=mode))
+    loss, _, _ = episode_forward(
+        model, collate_episodes(episodes[:2], smol_tokenizer.eos_token_id), "written", TrainConfig()
+    )
+    loss.backward()
+    layer = model.delta_mem.layers[0]
+    for name in ("memory_k_proj", "memory_v_proj", "beta_proj"):
+        assert getattr(layer, name).grad.abs().sum() > 0, (mode, name)
+
+
+def test_kill_and_resume_gives_the_same_adapter(episodes, smol_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    pad = smol_tokenizer.eos_token_id
+    cfg = small_cfg(steps=6, checkpoint_every=2, keep_checkpoints=2)
+    train(tiny(len(smol_tokenizer)), episodes, pad, DeltaMemConfig(), cfg, tmp_path / "full", progress=False)
+    partial = train(
+        tiny(len(smol_tokenizer)), episodes, pad, DeltaMemConfig(), cfg, tmp_path / "cut", stop_after=3, progress=False
+    )
+    assert partial.summary == {"stopped_at": 3}
+    ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert ckpts == ["step-000002"]  # the step-3 state was lost with the "kill"
+    resumed = train(tiny(len(smol_tokenizer)), episodes, pad, DeltaMemConfig(), cfg, tmp_path / "cut", progress=False)
+    assert resumed.summary["steps"] == 6
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full_losses = [r["loss"] for r in json.loads((tmp_path / "full" / "training_summary.json").read_text())["history"]]
+    assert [r["loss"] for r in resumed.history] == pytest.approx(full_losses, abs=0, rel=0)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
