@@ -67,7 +67,7 @@ class TrainConfig:
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    warmup = int(round(cfg.warmup_ratio * cfg.steps))
+    warmup = round(cfg.warmup_ratio * cfg.steps)
 
     def factor(step: int) -> float:  # step = optimizer steps taken so far
         if step < warmup:
