@@ -21,8 +21,9 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +236,14 @@ def train(
     on_step: Callable[[dict[str, float]], None] | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    fingerprint: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train δ-mem on ``model`` (attached here) over ``episodes``; write ``out_dir/adapter`` and checkpoints.
 
     ``stop_after`` ends the run after that many optimizer steps without saving the final adapter (for
-    kill-and-resume tests); ``on_step`` receives each step's metrics (MLflow logging).
+    kill-and-resume tests); ``on_step`` receives each step's metrics (MLflow logging). Checkpoints are only
+    resumed when they were written with the same ``fingerprint`` (config, optimiser, data), and are removed
+    once the final adapter is saved.
     """
     from tqdm.auto import tqdm
 
@@ -258,11 +262,21 @@ def train(
     sampler = EpisodeSampler(len(episodes), cfg.seed)
     step, history, tokens_seen, elapsed = 0, [], 0, 0.0
 
+    fingerprint = json.loads(
+        json.dumps(
+            {"deltamem": config.to_dict(), "train": asdict(cfg), "episodes": len(episodes), **(fingerprint or {})}
+        )
+    )
     existing = _checkpoints(ckpt_dir)
+    state = None
     if resume == "auto" and existing:
-        latest = existing[-1]
-        load_adapter(model, latest / "adapter")
-        state = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(existing[-1] / "trainer_state.pt", map_location="cpu", weights_only=True)
+        if json.loads(state.get("fingerprint", "null")) != fingerprint:
+            warnings.warn(f"ignoring checkpoints in {ckpt_dir}: written by a run with other settings", stacklevel=2)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            state = None
+    if state is not None:
+        load_adapter(model, existing[-1] / "adapter")
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -334,6 +348,7 @@ def train(
     }
     save_adapter(model, out_dir / "adapter", extra={"training": summary})
     (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume a killed run
     return TrainResult(out_dir / "adapter", summary, history)
 
 

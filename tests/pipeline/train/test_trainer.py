@@ -106,4 +106,22 @@ def test_kill_and_resume_gives_the_same_adapter(episodes, smol_tokenizer, tmp_pa
         assert torch.equal(a[k], b[k]), k
     full_losses = [r["loss"] for r in json.loads((tmp_path / "full" / "training_summary.json").read_text())["history"]]
     assert [r["loss"] for r in resumed.history] == pytest.approx(full_losses, abs=0, rel=0)
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert not (tmp_path / "cut" / "checkpoints").exists()  # removed once the adapter is saved
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(episodes, smol_tokenizer, tmp_path):
+    pad = smol_tokenizer.eos_token_id
+    cfg = small_cfg(steps=4, checkpoint_every=2)
+    train(tiny(len(smol_tokenizer)), episodes, pad, DeltaMemConfig(), cfg, tmp_path, stop_after=2, progress=False)
+    assert (tmp_path / "checkpoints" / "step-000002").is_dir()
+    with pytest.warns(UserWarning, match="other settings"):
+        r = train(
+            tiny(len(smol_tokenizer)),
+            episodes,
+            pad,
+            DeltaMemConfig(),
+            small_cfg(steps=4, lr=1e-3),
+            tmp_path,
+            progress=False,
+        )
+    assert len(r.history) == 4  # started from step 0
