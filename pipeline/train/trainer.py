@@ -137,14 +137,36 @@ def collate_episodes(batch: Sequence[PackedExample], pad_id: int) -> dict[str, t
     }
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean CE over answer tokens (labels shifted by one) and their count."""
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, int]:
+    """CE over answer tokens (labels shifted by one; mean, or sum for ``reduction="sum"``) and their count."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     n = int((shift_labels != IGNORE_INDEX).sum())
     loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
     return loss, n
+
+
+def episode_logits(
+    model: Any, batch: dict[str, torch.Tensor], memory: str = "written"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(read logits, labels on the model's device) of a batch; see :func:`episode_forward` for ``memory``.
+
+    With a memory state, ``model.delta_mem.beta_means`` holds the read call's mean β per layer afterwards.
+    """
+    device = next(model.parameters()).device
+    b = {k: v.to(device) for k, v in batch.items()}
+    if memory == "none":
+        return model(input_ids=b["read_ids"], attention_mask=b["read_mask"]).logits, b["labels"]
+    seg = b["segment_ids"] if model.delta_mem.config.write_mode == "SSW" else None
+    state = model.write_memory(b["write_ids"], attention_mask=b["write_mask"], segment_ids=seg)
+    if memory == "shuffled":
+        B = state.batch_size
+        state = state.select([(i + 1) % B for i in range(B)])
+    return model(input_ids=b["read_ids"], attention_mask=b["read_mask"], memory=state).logits, b["labels"]
 
 
 def episode_forward(
@@ -155,21 +177,10 @@ def episode_forward(
     memory: ``written`` (write the context, read from the state), ``none`` (the frozen backbone, question
     only) or ``shuffled`` (the state of another episode of the batch: a control for format-only learning).
     """
-    device = next(model.parameters()).device
-    b = {k: v.to(device) for k, v in batch.items()}
-    if memory == "none":
-        logits = model(input_ids=b["read_ids"], attention_mask=b["read_mask"]).logits
-        ce, n = answer_loss(logits, b["labels"])
-        return ce, ce, n
-    seg = b["segment_ids"] if model.delta_mem.config.write_mode == "SSW" else None
-    state = model.write_memory(b["write_ids"], attention_mask=b["write_mask"], segment_ids=seg)
-    if memory == "shuffled":
-        B = state.batch_size
-        state = state.select([(i + 1) % B for i in range(B)])
-    logits = model(input_ids=b["read_ids"], attention_mask=b["read_mask"], memory=state).logits
-    ce, n = answer_loss(logits, b["labels"])
+    logits, labels = episode_logits(model, batch, memory)
+    ce, n = answer_loss(logits, labels)
     loss = ce
-    if sparsity is not None and sparsity.beta_sparsity_weight:
+    if memory != "none" and sparsity is not None and sparsity.beta_sparsity_weight:
         loss = ce + sparsity.beta_sparsity_weight * model.delta_mem.beta_sparsity_loss(sparsity.beta_sparsity_target)
     return loss, ce, n
 
@@ -194,6 +205,15 @@ class TrainResult:
     adapter_dir: Path
     summary: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def run_fingerprint(
+    config: DeltaMemConfig, cfg: TrainConfig, n_episodes: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint must have been written with to be resumed (JSON-normalised)."""
+    return json.loads(
+        json.dumps({"deltamem": config.to_dict(), "train": asdict(cfg), "episodes": n_episodes, **(extra or {})})
+    )
 
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -262,11 +282,7 @@ def train(
     sampler = EpisodeSampler(len(episodes), cfg.seed)
     step, history, tokens_seen, elapsed = 0, [], 0, 0.0
 
-    fingerprint = json.loads(
-        json.dumps(
-            {"deltamem": config.to_dict(), "train": asdict(cfg), "episodes": len(episodes), **(fingerprint or {})}
-        )
-    )
+    fingerprint = run_fingerprint(config, cfg, len(episodes), fingerprint)
     existing = _checkpoints(ckpt_dir)
     state = None
     if resume == "auto" and existing:
@@ -330,6 +346,7 @@ def train(
                 "history": history,
                 "tokens_seen": tokens_seen,
                 "elapsed": elapsed,
+                "fingerprint": json.dumps(fingerprint),
             }
             _save_checkpoint(model, ckpt_dir, step, state, cfg.keep_checkpoints)
         if stop_after is not None and step >= stop_after:
