@@ -1,0 +1,63 @@
+"""DVC stage ``evaluate``: every condition × variant × task of the ``evaluate`` section → results/eval/.
+
+python stages/evaluate.py [--params params.yaml] [--workers N] [--no-tracking] [--no-resume]
+
+Writes ``results/eval/<variant>/<condition>/<task>/{predictions.jsonl,metrics.json,shards/}`` and the
+combined ``results/eval/metrics.json`` (see :mod:`pipeline.eval.runner`), then logs an MLflow run
+``evaluate`` with one nested run per unit. Exit status 2 for bad params or missing inputs, 1 when a
+shard fails after its retries (finished shards are kept: rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+try:
+    import pipeline  # noqa: F401  (installed with `pip install -e .`)
+except ImportError:  # a plain checkout: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.eval.runner import EvalError, EvalInputError, EvalParams, run_evaluate
+from pipeline.params import ParamsError, load_section
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--workers", type=int, default=None, help="override evaluate.workers (0 = in-process)")
+    ap.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    ap.add_argument("--no-resume", action="store_true", help="recompute every shard")
+    args = ap.parse_args(argv)
+    try:
+        p = load_section(args.params, "evaluate", EvalParams)
+    except ParamsError as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    updates = {}
+    if args.workers is not None:
+        updates["workers"] = args.workers
+    if args.no_resume:
+        updates["resume"] = False
+    if updates:
+        p = p.model_copy(update=updates)
+    try:
+        summary = run_evaluate(p, Path(args.params).resolve().parent, log_mlflow=not args.no_tracking)
+    except EvalInputError as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except EvalError as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 1
+    for unit, reason in summary.skipped_units.items():
+        print(f"evaluate: skipped {unit}: {reason}")
+    headline = {f"{vc}/{task}": m.get("headline") for vc, tasks in summary.metrics.items() for task, m in tasks.items()}
+    print(json.dumps(headline, indent=2))
+    print(f"evaluate: {len(summary.computed)} shards computed, {len(summary.reused)} reused in {summary.wall_s:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Conditions, prompts and params of the evaluation runner (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.data.synthetic import config_from_options, generate_split
+from pipeline.eval.conditions import CONDITIONS, DEFAULT_CONDITIONS, PromptBuilder, get_condition, unsupported_reason
+from pipeline.eval.runner import EvalParams, donor_map, group_conversations
+from pipeline.eval.tasks import get_task
+from pipeline.params import ParamsError, load_section
+
+
+@pytest.fixture(scope="module")
+def examples():
+    cfg = config_from_options({"seed": 3, "dialogues": {"test": 3}, "sessions": 2, "facts_per_dialogue": 3})
+    return generate_split(cfg, "test")
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def builder(name: str, window: int = 10_000, k: int = 2) -> PromptBuilder:
+    def prompt_words(messages) -> int:
+        return sum(words(m["content"]) for m in messages)
+
+    return PromptBuilder(get_task("synthetic"), get_condition(name), words, prompt_words, window, 5, k)
+
+
+def test_the_six_conditions():
+    assert set(DEFAULT_CONDITIONS) == {
+        "base_no_context",
+        "base_full_context",
+        "rag_bm25",
+        "deltamem_only",
+        "deltamem_full_context",
+        "deltamem_shuffled",
+    }
+    assert [c for c, v in CONDITIONS.items() if v.uses_adapter] == [
+        "deltamem_only",
+        "deltamem_full_context",
+        "deltamem_shuffled",
+    ]
+    assert unsupported_reason(CONDITIONS["deltamem_full_context"], "SSW")
+    assert unsupported_reason(CONDITIONS["deltamem_full_context"], "TSW") is None
+    assert unsupported_reason(CONDITIONS["deltamem_only"], "SSW") is None
+    with pytest.raises(KeyError, match="known conditions"):
+        get_condition("nope")
+
+
+def test_prompts_differ_only_in_where_the_history_is(examples):
+    task = get_task("synthetic")
+    key, convo = group_conversations(examples)[0]
+    assert len(convo) == 3
+    question = builder("base_no_context").conversation_messages(key, convo, 32)
+    assert question == [task.question_messages(e) for e in convo]
+    assert builder("deltamem_only").conversation_messages(key, convo, 32) == question
+    full = builder("base_full_context").conversation_messages(key, convo, 32)
+    assert full == [task.context_messages(e) for e in convo]  # fits: the whole history
+    for msgs, e in zip(full, convo, strict=True):
+        assert msgs[-1]["content"].endswith(e.question)
+    rag = builder("rag_bm25", k=2).conversation_messages(key, convo, 32)
+    for msgs, e in zip(rag, convo, strict=True):
+        context = msgs[-1]["content"]
+        kept = [s for s in e.segments if s.text in context]
+        assert 1 <= len(kept) <= 2
+
+
+def test_full_context_is_left_truncated_to_the_window_and_shared_by_the_conversation(examples):
+    key, convo = group_conversations(examples)[0]
+    b = builder("base_full_context", window=120)
+    msgs = b.conversation_messages(key, convo, 20)
+    contexts = {m[-1]["content"].split("\n\n")[1] for m in msgs}
+    assert len(contexts) == 1  # one truncated history for every question of the conversation
+    assert b.truncated[key]
+    for m in msgs:
+        assert sum(words(x["content"]) for x in m) <= 120 - 20 - 5
+    last = convo[0].segments[-1].text
+    assert last in msgs[0][-1]["content"]  # the newest turns are kept
+
+
+def test_donors_are_other_conversations(examples):
+    donors = donor_map(examples)
+    keys = [k for k, _ in group_conversations(examples)]
+    assert sorted(donors) == sorted(keys)
+    assert all(donors[k] != k for k in keys)
+    assert sorted(donors.values()) == sorted(keys)
+    assert donor_map(examples[:3]) == {}  # one conversation: no donor
+
+
+def test_params_section(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("evaluate:\n  conditions: [deltamem_only, rag_bm25]\n  ray: {actor_num_cpus: 2}\n")
+    p = load_section(path, "evaluate")
+    assert isinstance(p, EvalParams) and p.conditions == ["deltamem_only", "rag_bm25"]
+    assert p.ray.actor_num_cpus == 2 and p.workers == 2 and p.tasks[0].dataset == "synthetic"
+    for bad, match in (
+        ("conditions: [full]", "unknown condition"),
+        ("variants: [base]", "reserved"),
+        ("decoding: beam", "decoding"),
+        ("tasks: [{dataset: a}, {dataset: a}]", "same folder"),
+        ("workerz: 2", "workerz"),
+    ):
+        path.write_text(f"evaluate:\n  {bad}\n")
+        with pytest.raises(ParamsError, match=match):
+            load_section(path, "evaluate")
