@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    ap.add_argument(
+        "--nproc", type=int, default=None, help="processes (default train.nproc); > 1: torchrun + DeepSpeed ZeRO-2"
+    )
     args = ap.parse_args(argv)
     try:
         p = load_section(args.params, "train", TrainParams)
@@ -26,6 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    nproc = args.nproc or p.nproc
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "-m",
+            "pipeline.train.distributed",
+            "--params",
+            args.params,
+            "--variant",
+            args.variant,
+        ]
+        return subprocess.call(cmd + (["--no-tracking"] if args.no_tracking else []))
     metrics = run_train(p, args.variant, Path(args.params).resolve().parent, log_mlflow=not args.no_tracking)
     print(json.dumps(metrics, indent=2))
     return 0

@@ -81,6 +81,9 @@ class TrainParams(BaseModel):
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
     resume: str = "auto"
+    nproc: int = Field(
+        1, ge=1
+    )  # > 1: stages/train.py runs pipeline.train.distributed under torchrun (DeepSpeed ZeRO-2)
     deltamem: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"TSW": {"write_mode": "TSW"}})
     optim: OptimParams = Field(default_factory=OptimParams)
@@ -118,6 +121,9 @@ def prepare_backbone(p: BackboneParams, root: Path) -> Path:
     from deltamem.backbones import load_backbone
 
     model, tok = load_backbone(p.name_or_path, dtype=_torch_dtype(p.dtype), trust_remote_code=p.trust_remote_code)
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF is de-quantised on load: plain weights now
+        model.hf_quantizer = None
+        model.config.quantization_config = None
     out = root / p.out_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
