@@ -666,7 +666,7 @@ class EvalWorker:
                     )
                 for r, i in enumerate(rows):
                     current[i] = state.select(r)
-            self.history_writes += len(batch)
+            self.history_writes += sum(1 for c in chunks if c)
             states.extend(current)
         return states
 
@@ -1170,6 +1170,7 @@ def run_evaluate(
         _atomic_write(folder / METRICS, json.dumps(_json_safe(metrics), indent=2, sort_keys=True) + "\n")
         _remove_stale_shards(folder / SHARDS_DIR, {s.file_stem for s in u.shards})
         combined.setdefault(f"{u.variant}/{u.condition}", {})[u.name] = metrics
+    _remove_stale_units(out, units)
     _atomic_write(out / METRICS, json.dumps(_json_safe(combined), indent=2, sort_keys=True) + "\n")
     summary = EvalSummary(computed, reused, skipped, combined, time.perf_counter() - t0)
     if log_mlflow:
@@ -1184,6 +1185,25 @@ def _remove_stale_shards(folder: Path, keep: set[str]) -> None:
         stem = f.name.split(".", 1)[0]
         if f.is_file() and stem not in keep:
             f.unlink()
+
+
+def _remove_stale_units(out: Path, units: Sequence[Unit]) -> None:
+    """Delete result folders of (condition, task) pairs no longer planned under the planned variants
+    (e.g. a condition dropped from the params), so the variant folders hold exactly this run's units."""
+    import shutil
+
+    planned = {(u.variant, u.condition, u.name) for u in units if not u.skipped}
+    for variant in {u.variant for u in units}:
+        vdir = out / variant
+        if not vdir.is_dir():
+            continue
+        for cdir in (d for d in vdir.iterdir() if d.is_dir()):
+            for tdir in (d for d in cdir.iterdir() if d.is_dir()):
+                ours = (tdir / PREDICTIONS).exists() or (tdir / METRICS).exists() or (tdir / SHARDS_DIR).is_dir()
+                if ours and (variant, cdir.name, tdir.name) not in planned:
+                    shutil.rmtree(tdir)
+            if not any(cdir.iterdir()):
+                cdir.rmdir()
 
 
 _METRIC_UNSAFE = str.maketrans({c: "_" for c in "!\"#$%&'()*+,;<=>?@[\\]^`{|}~"})

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.data.schema import write_split
+from pipeline.data.schema import Example, write_split
 from pipeline.data.synthetic import config_from_options, generate_split
 from pipeline.eval.runner import EvalParams
 
@@ -61,6 +61,11 @@ def eval_root(smol_tokenizer, tmp_path_factory) -> Path:
         {"seed": 7, "dialogues": {"test": 4}, "sessions": 2, "facts_per_dialogue": 2, "distractor_turns": 1}
     )
     write_split(generate_split(cfg, "test"), root / "data" / "prepared" / "synthetic" / "test.jsonl")
+    ifeval = [  # a task without history: no conversation, nothing to write
+        Example(f"ifeval-{i}", "ifeval", prompt, [], instruction_ids=["punctuation:no_comma"], kwargs=[{}])
+        for i, prompt in enumerate(["Write a haiku about tea.", "Describe a cat without commas.", "Say hello."])
+    ]
+    write_split(ifeval, root / "data" / "prepared" / "ifeval" / "test.jsonl")
     return root
 
 

@@ -91,6 +91,21 @@ def test_prefix_cache_gives_the_same_answers_with_fewer_tokens(full_run, eval_ro
         assert cached["cost/forward_tokens"] < plain.metrics[unit]["synthetic"]["cost/forward_tokens"]
 
 
+def test_a_task_without_history(eval_root, worker, tmp_path):
+    p = make_params(tmp_path, variants=["TSW"], tasks=[{"dataset": "ifeval", "split": "test"}])
+    s = run_evaluate(p, eval_root, log_mlflow=False, progress=False, worker=worker)
+    assert s.skipped_units == {
+        "TSW/deltamem_shuffled/ifeval": "needs at least two conversations with a history (donor states)"
+    }
+    only = s.metrics["TSW/deltamem_only"]["ifeval"]
+    assert only["n"] == 3 and "prompt_level_strict_acc" in only and only["cost/history_writes"] == 0
+    # an empty state reads zeros: the same answers as the bare backbone
+    assert predictions(tmp_path, "TSW/deltamem_only/ifeval") == predictions(tmp_path, "base/base_no_context/ifeval")
+    assert predictions(tmp_path, "base/base_full_context/ifeval") == predictions(
+        tmp_path, "base/base_no_context/ifeval"
+    )
+
+
 def test_truncated_window(eval_root, worker, tmp_path):
     p = make_params(tmp_path, variants=["TSW"], conditions=["base_full_context"], context_window=128)
     s = run_evaluate(p, eval_root, log_mlflow=False, progress=False, worker=worker)
@@ -109,6 +124,11 @@ def test_resume_skips_finished_shards_and_a_setting_change_recomputes(full_run, 
     )
     changed = run_evaluate(make_params(out, bm25_k=1), eval_root, log_mlflow=False, progress=False, worker=worker)
     assert sorted(changed.computed) == ["base/rag_bm25/synthetic/shard-0000", "base/rag_bm25/synthetic/shard-0001"]
+    # a condition dropped from the params: its folders go, the others stay
+    fewer = make_params(out, bm25_k=1, conditions=["base_no_context", "deltamem_only"])
+    assert run_evaluate(fewer, eval_root, log_mlflow=False, progress=False, worker=worker).computed == []
+    assert sorted(d.name for d in (out / "base").iterdir()) == ["base_no_context"]
+    assert sorted(d.name for d in (out / "TSW").iterdir()) == ["deltamem_only"]
 
 
 def test_failures_are_retried_then_fail_the_run_and_a_rerun_computes_only_the_missing_shard(
