@@ -73,6 +73,7 @@ from pipeline.train.trainer import (
     episode_logits,
     lr_lambda,
     run_fingerprint,
+    training_summary,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -357,14 +358,7 @@ def train_distributed(
             return TrainResult(out_dir / "adapter", {"stopped_at": step}, history)
     bar.close()
     summary = {
-        "steps": step,
-        "final_loss": history[-1]["loss"] if history else None,
-        "final_answer_ce": history[-1]["answer_ce"] if history else None,
-        "tokens": tokens_seen,
-        "train_seconds": elapsed,
-        "tokens_per_s": tokens_seen / elapsed if elapsed else None,
-        "episodes_seen": step * cfg.grad_accum * b * world,
-        "trainable_parameters": sum(p.numel() for p in params),
+        **training_summary(history, step, tokens_seen, elapsed, step * cfg.grad_accum * b * world, params),
         "world_size": world,
         "global_batch": b * cfg.grad_accum * world,
         "zero_stage": ds["zero_optimization"]["stage"],

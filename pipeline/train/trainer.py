@@ -216,6 +216,27 @@ def run_fingerprint(
     )
 
 
+def training_summary(
+    history: Sequence[dict[str, float]],
+    step: int,
+    tokens: int,
+    seconds: float,
+    episodes: int,
+    params: Sequence[torch.Tensor],
+) -> dict[str, Any]:
+    """The run summary saved with the adapter (shared by the single-process and distributed trainers)."""
+    return {
+        "steps": step,
+        "final_loss": history[-1]["loss"] if history else None,
+        "final_answer_ce": history[-1]["answer_ce"] if history else None,
+        "tokens": tokens,
+        "train_seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "episodes_seen": episodes,
+        "trainable_parameters": sum(p.numel() for p in params),
+    }
+
+
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
@@ -353,16 +374,7 @@ def train(
             bar.close()
             return TrainResult(out_dir / "adapter", {"stopped_at": step}, history)
     bar.close()
-    summary = {
-        "steps": step,
-        "final_loss": history[-1]["loss"] if history else None,
-        "final_answer_ce": history[-1]["answer_ce"] if history else None,
-        "tokens": tokens_seen,
-        "train_seconds": elapsed,
-        "tokens_per_s": tokens_seen / elapsed if elapsed else None,
-        "episodes_seen": step * cfg.grad_accum * cfg.batch_size,
-        "trainable_parameters": sum(p.numel() for p in params),
-    }
+    summary = training_summary(history, step, tokens_seen, elapsed, step * cfg.grad_accum * cfg.batch_size, params)
     save_adapter(model, out_dir / "adapter", extra={"training": summary})
     (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume a killed run
