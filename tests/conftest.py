@@ -18,19 +18,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DELTAMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-def tiny_model(family: str = "llama", attn: str = "eager", seed: int = 0, layers: int = 2):
+def tiny_model(
+    family: str = "llama",
+    attn: str | None = "eager",
+    seed: int = 0,
+    layers: int = 2,
+    vocab: int = 97,
+    max_positions: int = 256,
+):
     """A randomly initialised 2-layer decoder of the given family (fp32, eval mode)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=97,
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         attn_implementation=attn,
     )
     if family == "llama":

@@ -22,6 +22,7 @@ import torch
 from deltamem import DeltaMemConfig, attach_delta_mem
 from pipeline.train.distributed import DEFAULT_DS_CONFIG, EpisodeObjective, deepspeed_config
 from pipeline.train.trainer import TrainConfig, collate_episodes, episode_forward
+from tests.conftest import tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 OPTIM = {
@@ -41,19 +42,8 @@ needs_deepspeed = pytest.mark.skipif(
 
 
 def tiny(vocab: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """A 2-layer random Llama over the embedded tokenizer's vocabulary (default attention)."""
+    return tiny_model("llama", attn=None, seed=seed, vocab=vocab, max_positions=512)
 
 
 # --- the DeepSpeed config ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from deltamem import DeltaMemConfig
 from pipeline.data.synthetic import config_from_options, generate_split
 from pipeline.data.tokenize import Packer
 from pipeline.train.trainer import TrainConfig, collate_episodes, episode_forward, evaluate_loss, lr_lambda, train
+from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +24,8 @@ def episodes(smol_tokenizer):
 
 
 def tiny(vocab: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """A 2-layer random Llama over the embedded tokenizer's vocabulary (default attention)."""
+    return tiny_model("llama", attn=None, seed=seed, vocab=vocab, max_positions=512)
 
 
 def small_cfg(**kw) -> TrainConfig:
