@@ -7,15 +7,26 @@
 * :func:`start_run` opens a run (nested inside the active one when ``nested=True``) with tags;
   :func:`log_params` flattens nested dicts to dotted keys; :func:`log_metrics`; :func:`log_dict`
   stores a dict as a JSON artifact.
+* Pipeline runs: when a stage runs under ``dvc repro`` / ``dvc exp run`` (a ``dvc`` process among its
+  ancestors) or with ``DELTAMEM_PIPELINE_ID`` set, its top-level run becomes the child of one *parent
+  run per pipeline execution*, created by the first stage that runs (it logs the whole params.yaml) and
+  closed by the report stage (:func:`finish_pipeline_run`). The parent's id lives in the pipeline's run
+  state ``.deltamem/pipeline_run.json`` (``DELTAMEM_PIPELINE_STATE`` overrides), so the separate stage
+  processes find it. A parent left open by an execution that stopped early is closed by the next one.
+* Every run is tagged with the git commit (``mlflow.source.git.commit``), ``git.dirty``, the DVC
+  experiment name when there is one, and the tags the stage passes (stage, backbone, variant, seed).
 
 ``mlflow`` is imported only when a run starts, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +80,183 @@ def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[s
     return out
 
 
+def git_tags(root: Path = REPO_ROOT) -> dict[str, str]:
+    """``mlflow.source.git.commit`` and ``git.dirty`` (tracked files changed) of ``root``; empty outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git.dirty": str(bool(status.strip())).lower()}
+
+
+def run_tags(extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The tags every run carries: git, the DVC experiment (under ``dvc exp run``), then ``extra``."""
+    tags = git_tags(Path.cwd()) or git_tags()
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    tags.update({str(k): str(v) for k, v in (extra or {}).items() if v is not None})
+    return tags
+
+
+# ------------------------------------------------------------------------------------------ pipeline runs
+def pipeline_state_file() -> Path:
+    """Where the open parent run of the current pipeline execution is recorded."""
+    env = os.environ.get("DELTAMEM_PIPELINE_STATE")
+    return Path(env) if env else Path.cwd() / ".deltamem" / "pipeline_run.json"
+
+
+def execution_key() -> str | None:
+    """What identifies the pipeline execution this process is part of, or None for a stage run by hand.
+
+    ``DELTAMEM_PIPELINE_ID`` if set; else the nearest ancestor ``dvc`` process (its pid and start time),
+    which is the same for every stage command of one ``dvc repro`` / ``dvc exp run``.
+    """
+    if os.environ.get("DELTAMEM_PIPELINE_ID"):
+        return "id-" + os.environ["DELTAMEM_PIPELINE_ID"]
+    try:
+        import psutil
+    except ImportError:  # psutil comes with ray/mlflow; without it stages are simply not grouped
+        return None
+    try:
+        for proc in psutil.Process().parents():
+            cmd = proc.cmdline()[:3]
+            if any(Path(part).name in ("dvc", "dvc.exe") for part in cmd) or cmd[1:3] == ["-m", "dvc"]:
+                return f"dvc-{proc.pid}-{proc.create_time():.3f}"
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+@contextmanager
+def _locked_state() -> Iterator[Path]:
+    import fcntl
+
+    path = pipeline_state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+        return state if isinstance(state, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_state(path: Path, state: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)
+
+
+def _ensure_experiment(uri: str, name: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        return mlflow.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    return exp.experiment_id
+
+
+def _params_file_contents() -> dict[str, Any]:
+    path = Path(os.environ.get("DELTAMEM_PARAMS_FILE", "params.yaml"))
+    try:
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ImportError, ValueError):
+        return {}
+
+
+def pipeline_parent_run(experiment: str | None = None) -> str | None:
+    """The id of this execution's parent run (created on first use), or None outside a pipeline execution."""
+    key = execution_key()
+    if key is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    uri, name = tracking_uri(), experiment_name(experiment)
+    with _locked_state() as path:
+        state = _read_state(path)
+        client = MlflowClient(uri)
+        if state.get("key") == key and state.get("tracking_uri") == uri and state.get("run_id"):
+            try:
+                if client.get_run(state["run_id"]).info.status == "RUNNING":
+                    return state["run_id"]
+            except Exception:  # deleted run or another store: start a new parent
+                pass
+        _close_stale(client, state, uri)
+        exp_id = _ensure_experiment(uri, name)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        label = os.environ.get("DVC_EXP_NAME")
+        tags = run_tags({"deltamem.kind": "pipeline", "pipeline.execution": key})
+        run = client.create_run(exp_id, run_name=f"pipeline {label or stamp}", tags=tags)
+        params = flatten(_params_file_contents())
+        _log_params_client(client, run.info.run_id, params)
+        _write_state(
+            path, {"key": key, "run_id": run.info.run_id, "tracking_uri": uri, "experiment": name, "started": stamp}
+        )
+        return run.info.run_id
+
+
+def _close_stale(client: Any, state: Mapping[str, Any], uri: str) -> None:
+    """Close the parent run of an earlier execution that never reached the report stage."""
+    if not state.get("run_id") or state.get("tracking_uri") != uri:
+        return
+    try:
+        if client.get_run(state["run_id"]).info.status == "RUNNING":
+            client.set_tag(state["run_id"], "deltamem.closed_by", "next pipeline execution")
+            client.set_terminated(state["run_id"], "FINISHED")
+    except Exception:
+        pass
+
+
+def _log_params_client(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = sorted((k, _param_value(v)) for k, v in params.items())
+    for start in range(0, len(items), _BATCH):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + _BATCH]])
+
+
+def finish_pipeline_run(status: str = "FINISHED") -> str | None:
+    """Close this execution's parent run (the report stage calls it); returns its id, or None."""
+    key = execution_key()
+    if key is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    with _locked_state() as path:
+        state = _read_state(path)
+        if state.get("key") != key or not state.get("run_id"):
+            return None
+        client = MlflowClient(state.get("tracking_uri") or tracking_uri())
+        try:
+            client.set_terminated(state["run_id"], status)
+        except Exception:
+            return None
+        _write_state(path, {**state, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "status": status})
+        return state["run_id"]
+
+
 @contextmanager
 def start_run(
     run_name: str,
@@ -79,20 +267,30 @@ def start_run(
 ) -> Iterator[Any]:
     """Open an MLflow run (``mlflow.ActiveRun``) and close it on exit (status FAILED on an exception).
 
-    With ``nested=True`` and a run already active, the new run is its child (same experiment).
+    With ``nested=True`` and a run already active, the new run is its child (same experiment). A
+    top-level run inside a pipeline execution becomes a child of the execution's parent run
+    (:func:`pipeline_parent_run`); a failing stage marks that parent FAILED.
     """
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    parent = None
     if not (nested and mlflow.active_run() is not None):
         name = experiment_name(experiment)
-        if mlflow.get_experiment_by_name(name) is None:
-            mlflow.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        _ensure_experiment(uri, name)
         mlflow.set_experiment(name)
-    str_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=str_tags) as run:
-        yield run
+        parent = pipeline_parent_run(experiment)
+    str_tags = run_tags(tags)
+    if parent:
+        str_tags["mlflow.parentRunId"] = parent
+    try:
+        with mlflow.start_run(run_name=run_name, nested=nested, tags=str_tags) as run:
+            yield run
+    except BaseException:
+        if parent:
+            finish_pipeline_run("FAILED")
+        raise
 
 
 def _param_value(value: Any) -> str:

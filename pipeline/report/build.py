@@ -1,0 +1,613 @@
+"""The ``report`` stage: evaluation + training results → ``reports/`` (Markdown, HTML, PNG, summary).
+
+What it computes (per task, over the *same questions* for every pair of conditions):
+
+* headline score of every condition with a 95% percentile-bootstrap interval;
+* for every δ-mem condition: the ratio x̄/ȳ to the frozen backbone (``reference``, default
+  ``base_no_context``) and to the best non-δ-mem baseline on that task — the way the paper reports
+  δ-mem ("1.10× the backbone") — with paired-bootstrap intervals, and the mean over tasks of the ratios;
+* a paired comparison (difference, ratio, sign-flip permutation p-value) of every δ-mem condition against
+  every baseline and control (``deltamem_shuffled``: the same adapter reading *another* conversation's
+  state — the check that δ-mem recalls rather than only formats);
+* per-category tables (LoCoMo's adversarial category is shown but is not in its headline);
+* training curves and held-out answer loss with the written / shuffled / no state;
+* a cost table: backbone tokens, wall time, peak memory, δ-mem state bytes vs KV-cache bytes.
+
+Outputs (written to a temporary folder, then renamed into place): ``report.md``, ``report.html``
+(self-contained), ``summary.json`` (flat numbers for ``dvc metrics``), ``plots/*.png`` and the
+``dvc plots`` data ``plots/headline.csv`` and ``plots/training/<variant>.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.params import register_section
+
+from .collect import UnitResult, collect_eval, collect_train
+from .document import Document, Heading, Image, Paragraph, Table
+from .stats import Interval, PairedComparison, mean_interval, paired_comparison
+
+
+class ReportParams(BaseModel):
+    """The ``report`` section of params.yaml.
+
+    Attributes:
+        eval_dir / train_dir / models_dir: where the evaluate and train stages wrote their results.
+        out_dir: the report folder (replaced as a whole on every run).
+        reference: the condition ratios are taken against (the frozen backbone without the history).
+        baselines: the non-δ-mem conditions; "best baseline" is the highest-scoring of them per task.
+        controls: δ-mem controls compared against but never claimed (the shuffled-state condition).
+        claim: the δ-mem condition whose claims head the report.
+        bootstrap / permutations / confidence / seed: the statistics (see :mod:`pipeline.report.stats`).
+        title: the report's title.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    eval_dir: str = "results/eval"
+    train_dir: str = "results/train"
+    models_dir: str = "models"
+    out_dir: str = "reports"
+    reference: str = "base_no_context"
+    baselines: list[str] = Field(default_factory=lambda: ["base_no_context", "base_full_context", "rag_bm25"])
+    controls: list[str] = Field(default_factory=lambda: ["deltamem_shuffled"])
+    claim: str = "deltamem_only"
+    bootstrap: int = Field(default=2000, ge=100)
+    permutations: int = Field(default=10000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    seed: int = 0
+    title: str = "δ-mem report"
+
+
+register_section("report", ReportParams)
+
+
+# ------------------------------------------------------------------------------------------- formatting
+def fmt(x: float, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return f"{x:.{digits}f}"
+
+
+def fmt_ratio(x: float) -> str:
+    return "–" if math.isnan(x) else ("∞" if math.isinf(x) and x > 0 else f"{fmt(x, 2)}×")
+
+
+def fmt_interval(iv: Interval, digits: int = 3, ratio: bool = False) -> str:
+    f = fmt_ratio if ratio else (lambda v: fmt(v, digits))
+    return f"{f(iv.value)} [{f(iv.low)}, {f(iv.high)}]"
+
+
+def fmt_bytes(x: float) -> str:
+    if x is None or math.isnan(x):
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(x) < 1024 or unit == "GiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} GiB"
+
+
+def fmt_p(p: float) -> str:
+    return "–" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+# ------------------------------------------------------------------------------------------- analysis
+@dataclass
+class Comparison:
+    """A δ-mem condition against another condition on one task."""
+
+    deltamem: UnitResult
+    other: UnitResult
+    stats: PairedComparison
+
+
+def paired(a: UnitResult, b: UnitResult, p: ReportParams) -> PairedComparison | None:
+    ids = sorted(set(a.scores) & set(b.scores))
+    if not ids:
+        return None
+    return paired_comparison(
+        [a.scores[i] for i in ids],
+        [b.scores[i] for i in ids],
+        resamples=p.bootstrap,
+        permutations=p.permutations,
+        seed=p.seed,
+        confidence=p.confidence,
+    )
+
+
+@dataclass
+class Analysis:
+    units: list[UnitResult]
+    tasks: list[str]
+    labels: list[str]  # condition labels in display order
+    intervals: dict[tuple[str, str], Interval]  # (label, task) → headline mean and interval
+    comparisons: list[Comparison]
+    best_baseline: dict[str, str]  # task → label of the best non-δ-mem baseline
+    vs_reference: dict[tuple[str, str], PairedComparison]  # (δ label, task)
+    vs_best: dict[tuple[str, str], PairedComparison]
+
+
+def _order(units: Sequence[UnitResult], p: ReportParams) -> list[str]:
+    def rank(u: UnitResult) -> tuple[int, int, str]:
+        if not u.is_deltamem:
+            pos = p.baselines.index(u.condition) if u.condition in p.baselines else len(p.baselines)
+            return (0, pos, u.label)
+        if u.condition in p.controls:
+            return (2, 0, u.label)
+        return (1, 0 if u.condition == p.claim else 1, u.label)
+
+    seen: dict[str, tuple[int, int, str]] = {}
+    for u in units:
+        seen.setdefault(u.label, rank(u))
+    return sorted(seen, key=lambda k: seen[k])
+
+
+def analyse(units: list[UnitResult], p: ReportParams) -> Analysis:
+    tasks = sorted({u.task for u in units})
+    intervals = {}
+    for u in units:
+        if u.scores:
+            intervals[(u.label, u.task)] = mean_interval(list(u.scores.values()), p.bootstrap, p.seed, p.confidence)
+    comparisons, vs_ref, vs_best, best = [], {}, {}, {}
+    for task in tasks:
+        base_units = [u for u in units if u.task == task and not u.is_deltamem and u.scores]
+        if base_units:
+            best[task] = max(base_units, key=lambda u: (sum(u.scores.values()) / len(u.scores), u.label)).label
+        others = [u for u in units if u.task == task and u.scores and (not u.is_deltamem or u.condition in p.controls)]
+        for d in (u for u in units if u.task == task and u.is_deltamem and u.condition not in p.controls):
+            if not d.scores:
+                continue
+            for o in others:
+                if o.variant not in (d.variant, "base") and o.is_deltamem:
+                    continue  # a control is compared with its own variant only
+                st = paired(d, o, p)
+                if st is None:
+                    continue
+                comparisons.append(Comparison(d, o, st))
+                if o.condition == p.reference:
+                    vs_ref[(d.label, task)] = st
+                if best.get(task) == o.label:
+                    vs_best[(d.label, task)] = st
+    return Analysis(units, tasks, _order(units, p), intervals, comparisons, best, vs_ref, vs_best)
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _plot_headline(a: Analysis, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_tasks = len(a.tasks)
+    fig, axes = plt.subplots(1, n_tasks, figsize=(max(5.0, 4.5 * n_tasks), 0.45 * len(a.labels) + 1.6), squeeze=False)
+    for ax, task in zip(axes[0], a.tasks, strict=True):
+        labels = [lb for lb in a.labels if (lb, task) in a.intervals]
+        ivs = [a.intervals[(lb, task)] for lb in labels]
+        ys = range(len(labels))
+        colors = ["#c44e52" if lb.split("/")[-1].startswith("deltamem") else "#4c72b0" for lb in labels]
+        ax.barh(list(ys), [iv.value for iv in ivs], color=colors, alpha=0.85)
+        ax.errorbar(
+            [iv.value for iv in ivs],
+            list(ys),
+            xerr=[[iv.value - iv.low for iv in ivs], [iv.high - iv.value for iv in ivs]],
+            fmt="none",
+            ecolor="black",
+            capsize=3,
+        )
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+        unit = next(u for u in a.units if u.task == task)
+        ax.set_title(f"{task} ({unit.metric}, 95% CI)", fontsize=9)
+        ax.set_xlim(left=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_training(train: Sequence[Any], path: Path) -> bool:
+    rows = [t for t in train if t.history]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for t in rows:
+        steps = [r["step"] for r in t.history if "answer_ce" in r]
+        ax.plot(steps, [r["answer_ce"] for r in t.history if "answer_ce" in r], label=f"{t.variant} answer CE")
+        for key, style in (
+            ("val_answer_ce/written", "--"),
+            ("val_answer_ce/shuffled", ":"),
+            ("val_answer_ce/none", "-."),
+        ):
+            if key in t.metrics and steps:
+                ax.axhline(t.metrics[key], linestyle=style, linewidth=1, color="gray")
+                ax.annotate(f"{t.variant} held-out, {key.split('/')[-1]} state", (steps[0], t.metrics[key]), fontsize=7)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("answer cross-entropy (nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_memory(units: Sequence[UnitResult], path: Path) -> bool:
+    pts = [
+        (u.task, u.metrics.get("cost/state_bytes"), u.metrics.get("cost/kv_bytes_history"))
+        for u in units
+        if u.condition.startswith("deltamem") and u.metrics.get("cost/state_bytes")
+    ]
+    pts = [(t, s, k) for t, s, k in pts if k and not math.isnan(k)]
+    if not pts:
+        return False
+    per_task: dict[str, tuple[float, float]] = {}
+    for t, s, k in pts:
+        per_task.setdefault(t, (s, k))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    names = sorted(per_task)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [per_task[n][0] for n in names], width=0.4, label="δ-mem state")
+    ax.bar([x + 0.2 for x in xs], [per_task[n][1] for n in names], width=0.4, label="KV cache of the history")
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("bytes per conversation (log)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------- document
+def _summary(a: Analysis, train: Sequence[Any], p: ReportParams) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for (label, task), iv in a.intervals.items():
+        out[f"{label}/{task}/score"] = iv.value
+        out[f"{label}/{task}/score_ci_low"] = iv.low
+        out[f"{label}/{task}/score_ci_high"] = iv.high
+    for c in a.comparisons:
+        key = f"{c.deltamem.label}/{c.deltamem.task}/vs/{c.other.label}"
+        out[f"{key}/ratio"] = c.stats.ratio.value
+        out[f"{key}/ratio_ci_low"] = c.stats.ratio.low
+        out[f"{key}/ratio_ci_high"] = c.stats.ratio.high
+        out[f"{key}/diff"] = c.stats.difference.value
+        out[f"{key}/p_value"] = c.stats.p_value
+    for label in {lb for lb, _ in a.vs_reference}:
+        ratios = [st.ratio.value for (lb, _), st in a.vs_reference.items() if lb == label]
+        out[f"{label}/mean_ratio_vs_{p.reference}"] = sum(ratios) / len(ratios)
+    for t in train:
+        for k, v in t.metrics.items():
+            if isinstance(v, int | float):
+                out[f"train/{t.variant}/{k}"] = v
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in sorted(out.items())}
+
+
+def claims(a: Analysis, p: ReportParams) -> list[dict[str, Any]]:
+    """The checked statements that head the report: the claim condition vs the reference and the controls."""
+    out = []
+    for c in a.comparisons:
+        if c.deltamem.condition != p.claim or (
+            c.other.condition != p.reference and c.other.condition not in p.controls
+        ):
+            continue
+        st = c.stats
+        holds = st.difference.low > 0 and st.ratio.excludes(1.0)
+        out.append(
+            {
+                "task": c.deltamem.task,
+                "deltamem": c.deltamem.label,
+                "versus": c.other.label,
+                "n": st.n,
+                "ratio": st.ratio,
+                "difference": st.difference,
+                "p_value": st.p_value,
+                "holds": bool(holds),
+            }
+        )
+    return out
+
+
+def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: dict[str, Path], out: Path) -> Document:
+    doc = Document(p.title)
+    conf = f"{round(p.confidence * 100)}%"
+    n_q = {u.task: len(u.scores) for u in a.units}
+    doc.add(
+        Paragraph(
+            f"Tasks: {', '.join(f'`{t}` ({n_q[t]} questions)' for t in a.tasks)}. Conditions: "
+            + ", ".join(f"`{lb}`" for lb in a.labels)
+            + f". Intervals are {conf} bootstrap intervals over questions ({p.bootstrap} resamples); comparisons "
+            f"are paired on the same questions (p: two-sided sign-flip permutation test). Ratios are δ-mem ÷ "
+            f"baseline headline scores, as the paper reports them."
+        )
+    )
+    # --- claims
+    cl = claims(a, p)
+    if cl:
+        doc.add(Heading("Claims checked"))
+        rows = []
+        for c in cl:
+            rows.append(
+                [
+                    c["task"],
+                    f"`{c['deltamem']}` > `{c['versus']}`",
+                    str(c["n"]),
+                    fmt_interval(c["ratio"], ratio=True),
+                    fmt_interval(c["difference"]),
+                    fmt_p(c["p_value"]),
+                    "**yes**" if c["holds"] else "no",
+                ]
+            )
+        doc.add(
+            Table(
+                ["task", "claim", "n", f"ratio [{conf} CI]", f"difference [{conf} CI]", "p", "holds"],
+                rows,
+                caption=f"A claim holds when the {conf} interval of the difference lies above 0 (then the ratio's "
+                "interval excludes 1.0×). Against `deltamem_shuffled` (the same adapter reading another conversation's "
+                "state) it separates recall from learning the answer format.",
+                align_right_from=2,
+            )
+        )
+    # --- headline
+    doc.add(Heading("Headline scores"))
+    header = ["condition"] + [f"{t} ({next(u.metric for u in a.units if u.task == t)})" for t in a.tasks]
+    rows = []
+    for lb in a.labels:
+        row = [f"`{lb}`"]
+        for t in a.tasks:
+            iv = a.intervals.get((lb, t))
+            row.append(fmt_interval(iv) if iv else "–")
+        rows.append(row)
+    doc.add(Table(header, rows, caption=f"Mean headline score [{conf} CI] per task."))
+    if "headline" in plots:
+        doc.add(Image(plots["headline"], "Headline scores with 95% intervals", os.path.relpath(plots["headline"], out)))
+    # --- ratios
+    deltas = [
+        lb for lb in a.labels if (lb.split("/")[-1].startswith("deltamem") and lb.split("/")[-1] not in p.controls)
+    ]
+    if deltas:
+        doc.add(Heading("δ-mem relative to the baselines"))
+        rows = []
+        for lb in deltas:
+            ratios_ref = []
+            for t in a.tasks:
+                ref, best = a.vs_reference.get((lb, t)), a.vs_best.get((lb, t))
+                if ref is None and best is None:
+                    continue
+                if ref is not None:
+                    ratios_ref.append(ref.ratio.value)
+                rows.append(
+                    [
+                        f"`{lb}`",
+                        t,
+                        fmt_interval(ref.ratio, ratio=True) if ref else "–",
+                        f"`{a.best_baseline.get(t, '–')}`",
+                        fmt_interval(best.ratio, ratio=True) if best else "–",
+                    ]
+                )
+            if len(ratios_ref) > 1:
+                rows.append([f"`{lb}`", "**mean over tasks**", fmt_ratio(sum(ratios_ref) / len(ratios_ref)), "", ""])
+        doc.add(
+            Table(
+                ["δ-mem condition", "task", f"÷ `{p.reference}` [{conf} CI]", "best baseline", f"÷ best [{conf} CI]"],
+                rows,
+                align_right_from=2,
+            )
+        )
+    # --- paired tests
+    if a.comparisons:
+        doc.add(Heading("Paired comparisons"))
+        rows = [
+            [
+                f"`{c.deltamem.label}`",
+                c.deltamem.task,
+                f"`{c.other.label}`",
+                str(c.stats.n),
+                fmt(c.stats.mean_x),
+                fmt(c.stats.mean_y),
+                fmt_interval(c.stats.difference),
+                fmt_p(c.stats.p_value),
+            ]
+            for c in a.comparisons
+        ]
+        doc.add(
+            Table(
+                ["δ-mem", "task", "versus", "n", "δ-mem", "other", f"difference [{conf} CI]", "p"],
+                rows,
+                align_right_from=3,
+            )
+        )
+    # --- categories
+    for t in a.tasks:
+        units = [u for u in a.units if u.task == t and u.categories]
+        cats = sorted({c for u in units for c in u.categories.values()})
+        if len(cats) < 2:
+            continue
+        doc.add(Heading(f"{t}: per category", 3))
+        header = ["condition"] + [f"{c} (n={sum(1 for v in units[0].categories.values() if v == c)})" for c in cats]
+        rows = []
+        for lb in a.labels:
+            u = next((u for u in units if u.label == lb), None)
+            if u is None:
+                continue
+            by: dict[str, list[float]] = defaultdict(list)
+            for ex, c in u.categories.items():
+                if ex in u.category_scores:
+                    by[c].append(u.category_scores[ex])
+            rows.append([f"`{lb}`"] + [fmt(sum(by[c]) / len(by[c])) if by[c] else "–" for c in cats])
+        note = (
+            "Category `adversarial` (LoCoMo category 5) is scored as abstention and left out of the headline, as upstream."
+            if "adversarial" in cats
+            else ""
+        )
+        doc.add(Table(header, rows, caption=f"Mean {units[0].metric} per category. {note}".strip()))
+    # --- training
+    if train:
+        doc.add(Heading("Training"))
+        rows = []
+        for tr in train:
+            m = tr.metrics
+            rows.append(
+                [
+                    tr.variant,
+                    str(int(m.get("steps", 0))),
+                    fmt(m.get("final_loss", math.nan)),
+                    fmt(m.get("val_answer_ce/written", math.nan)),
+                    fmt(m.get("val_answer_ce/shuffled", math.nan)),
+                    fmt(m.get("val_answer_ce/none", math.nan)),
+                    fmt(m.get("train_seconds", math.nan), 0),
+                    fmt(m.get("tokens_per_s", math.nan), 0),
+                    str(int(m.get("trainable_parameters", 0))),
+                ]
+            )
+        doc.add(
+            Table(
+                [
+                    "variant",
+                    "steps",
+                    "final loss",
+                    "held-out CE written",
+                    "shuffled",
+                    "none",
+                    "train s",
+                    "tokens/s",
+                    "params",
+                ],
+                rows,
+                caption="Held-out answer cross-entropy with the conversation's own state (written), another "
+                "conversation's state (shuffled) and no state (none).",
+            )
+        )
+        if "training" in plots:
+            doc.add(Image(plots["training"], "Training curves", os.path.relpath(plots["training"], out)))
+    # --- cost
+    doc.add(Heading("Cost"))
+    rows = []
+    for u in sorted(a.units, key=lambda u: (u.task, a.labels.index(u.label))):
+        m = u.metrics
+        rows.append(
+            [
+                f"`{u.label}`",
+                u.task,
+                str(int(m.get("cost/questions", 0))),
+                fmt(m.get("cost/forward_tokens", math.nan), 0),
+                fmt(m.get("cost/forward_tokens_per_question", math.nan), 1),
+                fmt(m.get("cost/wall_s", math.nan), 1),
+                fmt_bytes(m.get("cost/peak_memory_bytes", math.nan)),
+                fmt_bytes(m.get("cost/state_bytes", math.nan)) if u.is_deltamem else "–",
+                fmt_bytes(m.get("cost/kv_bytes_history", math.nan)),
+            ]
+        )
+    doc.add(
+        Table(
+            [
+                "condition",
+                "task",
+                "questions",
+                "backbone tokens",
+                "tokens/question",
+                "wall s",
+                "peak memory",
+                "δ-mem state",
+                "KV cache of a history",
+            ],
+            rows,
+            caption="Backbone tokens = every position the backbone processed (writes, prefills, decoding). "
+            "The δ-mem state is fixed-size; the KV cache grows with the history.",
+            align_right_from=2,
+        )
+    )
+    if "memory" in plots:
+        doc.add(Image(plots["memory"], "δ-mem state vs KV cache", os.path.relpath(plots["memory"], out)))
+    return doc
+
+
+# ------------------------------------------------------------------------------------------- stage
+@dataclass
+class ReportResult:
+    out_dir: Path
+    summary: dict[str, Any]
+    claims: list[dict[str, Any]]
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run_report(p: ReportParams, root: Path) -> ReportResult:
+    """Build the report from the stage outputs under ``root``; replaces ``<root>/<out_dir>`` atomically."""
+    units = collect_eval(root / p.eval_dir)
+    train = collect_train(root / p.train_dir, root / p.models_dir)
+    a = analyse(units, p)
+    final = root / p.out_dir
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        plots_dir = tmp / "plots"
+        plots_dir.mkdir()
+        plots: dict[str, Path] = {}
+        _plot_headline(a, plots_dir / "headline.png")
+        plots["headline"] = plots_dir / "headline.png"
+        if _plot_training(train, plots_dir / "training.png"):
+            plots["training"] = plots_dir / "training.png"
+        if _plot_memory(units, plots_dir / "memory.png"):
+            plots["memory"] = plots_dir / "memory.png"
+        _write_csv(
+            plots_dir / "headline.csv",
+            [
+                {"condition": lb, "task": t, "score": iv.value, "ci_low": iv.low, "ci_high": iv.high}
+                for (lb, t), iv in sorted(a.intervals.items())
+            ],
+        )
+        for tr in train:
+            if tr.history:
+                _write_csv(plots_dir / "training" / f"{tr.variant}.csv", tr.history)
+        doc = build_document(a, train, p, plots, tmp)
+        (tmp / "report.md").write_text(doc.to_markdown())
+        (tmp / "report.html").write_text(doc.to_html())
+        summary = _summary(a, train, p)
+        cl = claims(a, p)
+        summary_out = {
+            **summary,
+            **{f"claim/{c['deltamem']}/{c['task']}/gt/{c['versus']}": int(c["holds"]) for c in cl},
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary_out, indent=2, sort_keys=True) + "\n")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ReportResult(final, summary_out, cl)

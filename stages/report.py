@@ -1,0 +1,84 @@
+"""DVC stage ``report``: training + evaluation results → ``reports/`` (report.md, report.html, plots).
+
+python stages/report.py [--params params.yaml] [--no-tracking]
+
+Reads the ``report`` section (see :class:`pipeline.report.ReportParams`), writes ``reports/`` atomically,
+logs a ``report`` run (the report files as artifacts, the summary numbers as metrics) and closes the
+pipeline execution's parent MLflow run. Exit status 2 when a stage output it needs is missing or bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import pipeline  # noqa: F401  (installed with `pip install -e .`)
+except ImportError:  # a plain checkout: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.params import ParamsError, load_section
+from pipeline.report import ReportInputError, ReportParams, run_report
+
+
+def log_to_mlflow(result, p: ReportParams) -> None:
+    """A ``report`` run with the report as artifacts, then the same artifacts on the parent run, which is closed."""
+    import mlflow
+
+    from pipeline import tracking
+
+    with tracking.start_run("report", tags={"stage": "report"}) as run:
+        tracking.log_params(p.model_dump(mode="json"), prefix="report")
+        tracking.log_metrics({tracking_key(k): v for k, v in result.summary.items() if v is not None})
+        mlflow.log_artifacts(str(result.out_dir), artifact_path="report")
+        parent = run.data.tags.get("mlflow.parentRunId")
+    if parent:
+        client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
+        client.log_artifacts(parent, str(result.out_dir), artifact_path="report")
+        for c in result.claims:
+            client.log_metric(
+                parent,
+                tracking_key(f"claim/{c['deltamem']}/{c['task']}/vs/{c['versus']}/ratio"),
+                _finite(c["ratio"].value),
+            )
+        tracking.finish_pipeline_run("FINISHED")
+
+
+def _finite(x: float) -> float:
+    return x if x == x and abs(x) != float("inf") else (1e9 if x > 0 else -1e9)
+
+
+def tracking_key(name: str) -> str:
+    """MLflow metric names allow ``[A-Za-z0-9_\\-. /]``."""
+    import re
+
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    args = ap.parse_args(argv)
+    try:
+        p = load_section(args.params, "report", ReportParams)
+        result = run_report(p, Path(args.params).resolve().parent)
+    except (ParamsError, ReportInputError) as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        return 2
+    if not args.no_tracking:
+        log_to_mlflow(result, p)
+    for c in result.claims:
+        verdict = "holds" if c["holds"] else "does NOT hold"
+        print(
+            f"report: {c['task']}: {c['deltamem']} > {c['versus']} {verdict}: ratio {c['ratio'].value:.3g}× "
+            f"[{c['ratio'].low:.3g}, {c['ratio'].high:.3g}], difference {c['difference'].value:+.3f} "
+            f"[{c['difference'].low:+.3f}, {c['difference'].high:+.3f}], p={c['p_value']:.3g}"
+        )
+    print(f"report: wrote {result.out_dir / 'report.md'} and {result.out_dir / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
