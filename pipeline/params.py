@@ -180,9 +180,15 @@ def _describe(err: ValidationError) -> str:
 def load_section(path: str | Path, section: str, model: type[BaseModel] | None = None) -> Any:
     """Section ``section`` of the params file, validated by ``model`` (default: the registered one).
 
-    Returns the model instance, or the raw value when no model is known.
+    Returns the model instance, or the raw value when no model is known. ``evaluate.variants: all``
+    stands for every key of ``train.variants`` (so adding a trained variant is one line).
     """
     data = load_params(path)
+    if section == "evaluate" and isinstance(data.get("evaluate"), dict) and data["evaluate"].get("variants") == "all":
+        trained = (data.get("train") or {}).get("variants") if isinstance(data.get("train"), dict) else None
+        if not isinstance(trained, dict) or not trained:
+            raise ParamsError(f"{path}: evaluate.variants is 'all' but train.variants lists no variant")
+        data["evaluate"] = {**data["evaluate"], "variants": list(trained)}
     if section not in data:
         raise ParamsError(f"{path}: no '{section}' section (sections: {', '.join(map(str, data)) or 'none'})")
     model = model or SECTION_MODELS.get(section)

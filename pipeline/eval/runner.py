@@ -135,6 +135,8 @@ class EvalParams(BaseModel):
         tasks: the evaluation sets.
         conditions: default conditions of every set (see :mod:`pipeline.eval.conditions`).
         out_dir: results folder.
+        metrics_file: a second copy of the combined ``<out_dir>/metrics.json`` (relative to the params
+            file) for ``dvc metrics``, outside the ``out_dir`` output.
         decoding: ``greedy`` (default) or ``paper`` (the tasks' paper settings; sampled examples run
             one at a time with their seed).
         max_new_tokens_cap: upper bound on any task's generation budget (report it).
@@ -170,6 +172,7 @@ class EvalParams(BaseModel):
     tasks: list[TaskEntry] = Field(default_factory=lambda: [TaskEntry()])
     conditions: list[str] = Field(default_factory=lambda: list(DEFAULT_CONDITIONS))
     out_dir: str = "results/eval"
+    metrics_file: str | None = None
     decoding: str = "greedy"
     max_new_tokens_cap: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=8, ge=1)
@@ -1172,6 +1175,10 @@ def run_evaluate(
         combined.setdefault(f"{u.variant}/{u.condition}", {})[u.name] = metrics
     _remove_stale_units(out, units)
     _atomic_write(out / METRICS, json.dumps(_json_safe(combined), indent=2, sort_keys=True) + "\n")
+    if p.metrics_file:
+        extra = root / p.metrics_file
+        extra.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(extra, json.dumps(_json_safe(combined), indent=2, sort_keys=True) + "\n")
     summary = EvalSummary(computed, reused, skipped, combined, time.perf_counter() - t0)
     if log_mlflow:
         log_to_mlflow(p, units, out, summary)
