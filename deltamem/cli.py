@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt for questions")
     chat.add_argument("--recent-turns", type=int, default=0, help="also put the last N turns in the prompt as text")
     chat.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
-    chat.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    chat.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="backbone weights dtype"
+    )
     chat.set_defaults(func=cmd_chat)
     return parser
 

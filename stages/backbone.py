@@ -15,7 +15,7 @@ from pipeline.train.run import BackboneParams, prepare_backbone
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml); outputs go next to it")
     args = ap.parse_args(argv)
     try:
         p = load_section(args.params, "backbone", BackboneParams)

@@ -26,7 +26,7 @@ from pipeline.params import ParamsError, load_section
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml); outputs go next to it")
     ap.add_argument("--workers", type=int, default=None, help="override evaluate.workers (0 = in-process)")
     ap.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     ap.add_argument("--no-resume", action="store_true", help="recompute every shard")

@@ -18,7 +18,7 @@ from pipeline.train.run import TrainParams, run_train
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", required=True, help="a key of train.variants in params.yaml")
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml); outputs go next to it")
     ap.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     ap.add_argument(
         "--nproc", type=int, default=None, help="processes (default train.nproc); > 1: torchrun + DeepSpeed ZeRO-2"
