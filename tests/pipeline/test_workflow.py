@@ -1,0 +1,154 @@
+"""The whole workflow for real: `dvc repro` of this repository's dvc.yaml in a temporary git clone.
+
+A shrunken copy of the shipped params.yaml (a few dialogues, 3 optimiser steps, 6 questions) runs every
+stage — prepare → backbone (the embedded SmolLM2) → train@TSW → evaluate (all conditions) → report —
+then checks what users rely on: the report and metrics exist, MLflow holds one parent run with the stage
+runs under it, a second `dvc repro` reruns nothing, changing one evaluation parameter reruns only
+evaluate and report, and `dvc exp run -S` / `dvc exp show` / `dvc metrics diff` work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _copy_project(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file() and not name.startswith(("tests/", "bench/results")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def _shrink(params_file: Path) -> None:
+    p = yaml.safe_load(params_file.read_text())
+    synth = p["prepare"]["datasets"][0]
+    assert synth["name"] == "synthetic"
+    synth["synthetic"]["dialogues"] = {"train": 24, "validation": 6, "test": 6}
+    p["prepare"]["datasets"] = [synth]
+    p["train"]["limit_validation"] = 4
+    p["train"]["optim"].update(steps=3, batch_size=2, checkpoint_every=0)
+    p["evaluate"]["tasks"] = [{"dataset": "synthetic", "split": "test", "limit": 6}]
+    p["evaluate"].update(workers=0, bootstrap=100, batch_size=6)
+    p["report"].update(bootstrap=200, permutations=200)
+    params_file.write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("workflow") / "repo"
+    root.mkdir()
+    _copy_project(root)
+    _shrink(root / "params.yaml")
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        "PYTHONPATH": str(root),  # the copy's code, not the editable install's
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "TQDM_DISABLE": "1",
+    }
+    for key in ("DELTAMEM_PIPELINE_ID", "DELTAMEM_PIPELINE_STATE", "DELTAMEM_PARAMS_FILE", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(key, None)
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git[1:], "commit", "-qm", "copy"]):
+        subprocess.run(cmd if cmd[0] == "git" else ["git", *cmd], cwd=root, env=env, check=True, capture_output=True)
+    return root, env
+
+
+def sh(project: tuple[Path, dict[str, str]], *cmd: str, timeout: int = 900, stdout_only: bool = False) -> str:
+    root, env = project
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done.stdout if stdout_only else done.stdout + done.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_repro_end_to_end(project):
+    root, _ = project
+    out = sh(project, "dvc", "repro")
+    assert ran(out) == {"prepare", "backbone", "train@TSW", "evaluate", "report"}
+    report = (root / "reports" / "report.md").read_text()
+    assert "## Claims checked" in report and "deltamem_shuffled" in report and "## Cost" in report
+    html = (root / "reports" / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    summary = json.loads((root / "reports" / "summary.json").read_text())
+    assert "TSW/deltamem_only/synthetic/vs/base_no_context/ratio" in summary
+    evaluate = json.loads((root / "results" / "metrics" / "evaluate.json").read_text())
+    assert set(evaluate) == {
+        "base/base_no_context",
+        "base/base_full_context",
+        "base/rag_bm25",
+        "TSW/deltamem_only",
+        "TSW/deltamem_full_context",
+        "TSW/deltamem_shuffled",
+    }
+
+    # MLflow: one parent run for this execution, every stage run nested under it, closed by the report
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("deltamem")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("deltamem.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    pid = parents[0].info.run_id
+    stage_runs = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid}
+    assert {"prepare", "train-TSW", "evaluate", "report"} <= set(stage_runs)
+    train = stage_runs["train-TSW"]
+    assert train.data.tags["variant"] == "TSW" and train.data.tags["seed"] == "0"
+    assert len(train.data.tags["mlflow.source.git.commit"]) == 40
+    assert len(client.get_metric_history(train.info.run_id, "loss")) == 3  # the training curve, per step
+    assert parents[0].data.params["train.optim.steps"] == "3"
+    assert any(a.path == "report" for a in client.list_artifacts(pid))
+
+
+def test_second_repro_is_a_no_op(project):
+    out = sh(project, "dvc", "repro")
+    assert ran(out) == set()
+    assert "didn't change" in out or "up to date" in out
+
+
+def test_changing_an_evaluation_parameter_reruns_only_evaluate_and_report(project):
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["bm25_k"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(project, "dvc", "repro")
+    assert ran(out) == {"evaluate", "report"}
+
+
+def test_dvc_experiments_and_metrics_diff(project):
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "baseline")
+    out = sh(project, "dvc", "exp", "run", "-S", "report.bootstrap=300", "-n", "more-resamples")
+    assert ran(out) == {"report"}
+    text = json.dumps(_json_tail(sh(project, "dvc", "exp", "show", "--json", stdout_only=True)))
+    assert "more-resamples" in text and "reports/summary.json" in text and "results/metrics/evaluate.json" in text
+    diff = sh(project, "dvc", "metrics", "diff", "--all")
+    assert "reports/summary.json" in diff
+
+
+def _json_tail(output: str) -> object:
+    """The JSON document in ``output`` (dvc may print progress lines before it)."""
+    start = min(i for i in (output.find("["), output.find("{")) if i >= 0)
+    return json.loads(output[start:])
