@@ -14,7 +14,7 @@ What it computes (per task, over the *same questions* for every pair of conditio
 * a cost table: backbone tokens, wall time, peak memory, δ-mem state bytes vs KV-cache bytes.
 
 Outputs (written to a temporary folder, then renamed into place): ``report.md``, ``report.html``
-(self-contained), ``summary.json`` (flat numbers for ``dvc metrics``), ``plots/*.png`` and the
+(self-contained), ``results.md`` (the claims, headline and training tables, for the README), ``summary.json`` (flat numbers for ``dvc metrics``), ``plots/*.png`` and the
 ``dvc plots`` data ``plots/headline.csv`` and ``plots/training/<variant>.csv``.
 """
 
@@ -547,6 +547,26 @@ def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: di
     return doc
 
 
+RESULTS_SECTIONS = ("Claims checked", "Headline scores", "Training")
+
+
+def excerpt(doc: Document, headings: Sequence[str]) -> Document:
+    """The first paragraph, and the tables and paragraphs under ``headings`` (no images): ``results.md``,
+    which ``python -m pipeline.report.readme`` copies into the README's results section."""
+    out = Document(doc.title)
+    keep = False
+    for i, block in enumerate(doc.blocks):
+        if i == 0 and isinstance(block, Paragraph):
+            out.add(block)
+        elif isinstance(block, Heading):
+            keep = block.text in headings
+            if keep:
+                out.add(Heading(block.text, 3))
+        elif keep and not isinstance(block, Image):
+            out.add(block)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- stage
 @dataclass
 class ReportResult:
@@ -595,6 +615,7 @@ def run_report(p: ReportParams, root: Path) -> ReportResult:
         doc = build_document(a, train, p, plots, tmp)
         (tmp / "report.md").write_text(doc.to_markdown())
         (tmp / "report.html").write_text(doc.to_html())
+        (tmp / "results.md").write_text(excerpt(doc, RESULTS_SECTIONS).to_markdown())
         summary = _summary(a, train, p)
         cl = claims(a, p)
         summary_out = {

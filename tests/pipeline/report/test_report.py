@@ -212,3 +212,21 @@ def test_report_stage_cli_without_tracking(results_tree: Path, capsys):
     params.write_text("report: {bootstrap: 5}\n")
     assert main(["--params", str(params), "--no-tracking"]) == 2
     assert "bootstrap" in capsys.readouterr().err
+
+
+def test_results_excerpt_and_readme_splice(results_tree: Path, tmp_path: Path):
+    from pipeline.report.readme import END, START, main, splice
+
+    run_report(ReportParams(bootstrap=200, permutations=200), results_tree)
+    results = (results_tree / "reports" / "results.md").read_text()
+    assert "### Claims checked" in results and "### Headline scores" in results and "### Training" in results
+    assert "![" not in results and "### Cost" not in results
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold table\n{END}\nafter\n")
+    assert main(["--results", str(results_tree / "reports" / "results.md"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{END}\nafter\n") and "old table" not in text
+    assert "### Claims checked" in text and "# δ-mem report" not in text
+    assert splice(text, results) == splice(splice(text, results), results)  # idempotent
+    with pytest.raises(ValueError, match="must contain"):
+        splice("no markers", results)
