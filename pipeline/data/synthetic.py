@@ -57,6 +57,13 @@ class SyntheticConfig:
         distractor_turns: small-talk turns per session.
         ack_prob: chance that the other speaker acknowledges a fact ("Oh, nice!").
         category_weights: relative frequency of the four question categories.
+        relations: the attributes facts are drawn from (names of :data:`RELATIONS`: city, job, dog,
+            dish, hobby, degree); None = all. One relation with few values gives a closed answer set.
+        max_values: use only the first N values of each relation's list (None = all). With a small N
+            (e.g. 8) the answer is one of N known words: a no-memory model can at best learn the prior
+            (CE ≈ ln N on the answer's first token), so any gain beyond that is recall from the
+            memory. The embedded backbone learns such closed-set recall in CPU minutes; the full
+            40–150-value lists need far more episodes than a CPU run can afford.
     """
 
     seed: int = 0
@@ -67,6 +74,8 @@ class SyntheticConfig:
     distractor_turns: int = 2
     ack_prob: float = 0.5
     category_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 1.0))
+    relations: list[str] | None = None
+    max_values: int | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings the generator cannot honour."""
@@ -87,6 +96,15 @@ class SyntheticConfig:
             raise ValueError("category_weights must be >= 0 with a positive sum")
         if any(n < 0 for n in self.dialogues.values()):
             raise ValueError("dialogue counts must be >= 0")
+        if self.relations is not None:
+            known = [r.name for r in RELATIONS]
+            bad = [r for r in self.relations if r not in known]
+            if bad or not self.relations:
+                raise ValueError(f"relations must be a non-empty subset of {', '.join(known)}; got {self.relations}")
+        need = 2 * self.facts_per_dialogue + self.distractor_facts + 1
+        if self.max_values is not None and self.max_values < need:
+            # values are distinct within a dialogue: a knowledge update takes two, any other fact one
+            raise ValueError(f"max_values must be >= 2 * facts_per_dialogue + distractor_facts + 1 = {need}")
 
 
 @dataclass(frozen=True)
@@ -156,6 +174,21 @@ RELATIONS: tuple[Relation, ...] = (
     ),
 )
 UPDATABLE = tuple(r for r in RELATIONS if r.update)
+
+
+def active_relations(cfg: SyntheticConfig) -> tuple[Relation, ...]:
+    """:data:`RELATIONS` restricted by ``cfg.relations`` and ``cfg.max_values`` (the same objects by default)."""
+    if cfg.relations is None and cfg.max_values is None:
+        return RELATIONS
+    chosen = RELATIONS if cfg.relations is None else tuple(r for r in RELATIONS if r.name in cfg.relations)
+    if cfg.max_values is None:
+        return chosen
+    return tuple(
+        Relation(r.name, r.values[: cfg.max_values], r.first_person, r.third_person, r.update, r.question)
+        for r in chosen
+    )
+
+
 LINK_TEMPLATES = ("My {rel} is called {x}.", "By the way, my {rel}'s name is {x}.")
 EVENT_TEMPLATES = ("Guess what, I {past} today!", "Today I finally {past}.")
 TEMPORAL_QUESTION = "When did {who} {base}?"
@@ -232,6 +265,8 @@ class _Dialogue:
         self.statements: list[list[_Turn]] = [[] for _ in range(cfg.sessions)]
         self.after: list[tuple[int, int]] = []  # (earlier key, later key) within one session
         self.n_keys = 0
+        self.relations = active_relations(cfg)
+        self.updatable = tuple(r for r in self.relations if r.update)
         self.used_values: dict[str, set[str]] = {r.name: set() for r in RELATIONS}
         self.used_facts: set[tuple[str, str]] = set()  # (subject, relation)
         self.used_links: set[tuple[str, str]] = set()  # (speaker, relative)
@@ -255,7 +290,18 @@ class _Dialogue:
                 continue
             self.used_values[relation.name].add(v)
             return v
-        raise RuntimeError(f"could not draw a fresh {relation.name}")  # pragma: no cover - lists are large
+        # only reached with a short value list (``max_values``): pick among the values still free
+        fresh = [
+            v
+            for v in relation.values
+            if v not in self.used_values[relation.name] and (question is None or v.lower() not in question.lower())
+        ]
+        if fresh:
+            v = self.rng.choice(fresh)
+            self.used_values[relation.name].add(v)
+            return v
+        # validate() leaves enough values, so this is not reached
+        raise RuntimeError(f"could not draw a fresh {relation.name}")  # pragma: no cover
 
     def _fill(self, template: str, v: str, x: str | None = None) -> str:
         return template.format(v=v, a=_article(v), x=x)
@@ -268,7 +314,7 @@ class _Dialogue:
     def single_hop(self, ask: bool = True) -> bool:
         """A first-person fact stated once."""
         speaker = self.rng.choice(self.speakers)
-        relation = self._free_relation(speaker, RELATIONS)
+        relation = self._free_relation(speaker, self.relations)
         if relation is None:
             return False
         self.used_facts.add((speaker, relation.name))
@@ -297,7 +343,7 @@ class _Dialogue:
             return False
         relative = self.rng.choice(relatives)
         person = self.free_names.pop()
-        relation = self._free_relation(person, RELATIONS)
+        relation = self._free_relation(person, self.relations)
         assert relation is not None  # a fresh person has no facts yet
         self.used_links.add((speaker, relative))
         self.used_facts.add((person, relation.name))
@@ -352,7 +398,7 @@ class _Dialogue:
         if self.cfg.sessions < 2:
             return False
         speaker = self.rng.choice(self.speakers)
-        relation = self._free_relation(speaker, UPDATABLE)
+        relation = self._free_relation(speaker, self.updatable)
         if relation is None:
             return False
         self.used_facts.add((speaker, relation.name))

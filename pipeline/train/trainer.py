@@ -23,7 +23,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,16 +185,37 @@ def episode_forward(
     return loss, ce, n
 
 
+def _context_key(ep: PackedExample) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(c.input_ids) for c in ep.write_chunks)
+
+
+def shuffled_episodes(episodes: Sequence[PackedExample]) -> list[PackedExample]:
+    """Each episode with the write context of the next episode (cyclically) whose context differs.
+
+    The "shuffled" control must read *another conversation's* state: neighbours in a split are often
+    questions about the same conversation, so rotating within a batch is not enough.
+    """
+    keys = [_context_key(ep) for ep in episodes]
+    if len(set(keys)) < 2:
+        raise ValueError("the shuffled-state control needs episodes from at least two different contexts")
+    out = []
+    for i, ep in enumerate(episodes):
+        j = next(k % len(episodes) for k in range(i + 1, i + len(episodes)) if keys[k % len(episodes)] != keys[i])
+        out.append(replace(ep, write_chunks=episodes[j].write_chunks))
+    return out
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: Any, episodes: Sequence[PackedExample], pad_id: int, memory: str, batch_size: int = 4
 ) -> float:
-    """Token-weighted answer CE over ``episodes`` under one memory condition."""
+    """Token-weighted answer CE over ``episodes`` under one memory condition (``written``, ``none``, or
+    ``shuffled``: every question read against a different conversation's state)."""
+    if memory == "shuffled":
+        episodes, memory = shuffled_episodes(episodes), "written"
     total, count = 0.0, 0
     for start in range(0, len(episodes), batch_size):
         chunk = episodes[start : start + batch_size]
-        if memory == "shuffled" and len(chunk) < 2:
-            chunk = [*chunk, episodes[0]] if len(episodes) > 1 else chunk
         _, ce, n = episode_forward(model, collate_episodes(chunk, pad_id), memory)
         total, count = total + float(ce) * n, count + n
     return total / max(count, 1)

@@ -128,3 +128,28 @@ def test_bad_settings_are_clear_errors():
         load_split("synthetic", "train", options={"sessions": 0})
     with pytest.raises(DataError, match="no dialogue count for split 'dev'"):
         load_split("synthetic", "dev", options={})
+
+
+def test_relations_and_max_values_give_a_closed_answer_set():
+    from pipeline.data import synthetic_vocab as vocab
+
+    cfg = SyntheticConfig(
+        seed=2,
+        dialogues={"train": 40},
+        sessions=1,
+        facts_per_dialogue=1,
+        distractor_facts=0,
+        distractor_turns=0,
+        ack_prob=0.0,
+        category_weights={"single-hop": 1},
+        relations=["city"],
+        max_values=8,
+    )
+    exs = generate_split(cfg, "train")
+    assert len(exs) == 40
+    assert {e.metadata["relation"] for e in exs} == {"city"}
+    assert {e.answers[0] for e in exs} <= set(vocab.CITIES[:8])
+    with pytest.raises(DataError, match="relations must be"):
+        load_split("synthetic", "train", options={"relations": ["planet"]})
+    with pytest.raises(DataError, match="max_values must be"):
+        load_split("synthetic", "train", options={"facts_per_dialogue": 4, "max_values": 5})

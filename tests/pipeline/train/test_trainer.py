@@ -115,3 +115,20 @@ def test_checkpoints_of_other_settings_are_not_resumed(episodes, smol_tokenizer,
             progress=False,
         )
     assert len(r.history) == 4  # started from step 0
+
+
+def test_shuffled_control_reads_another_conversations_context():
+    from pipeline.data.tokenize import PackedExample, WriteChunk
+    from pipeline.train.trainer import shuffled_episodes
+
+    def ep(name: str, ctx: list[int]) -> PackedExample:
+        return PackedExample(name, [WriteChunk(ctx, [0] * len(ctx))], [1, 2], [-100, 2])
+
+    # two questions about conversation A next to each other, then B: a batch rotation would give a1 A's state
+    eps = [ep("a0", [5, 6]), ep("a1", [5, 6]), ep("b0", [7, 8, 9])]
+    out = shuffled_episodes(eps)
+    assert [o.example_id for o in out] == ["a0", "a1", "b0"]
+    assert [o.write_chunks[0].input_ids for o in out] == [[7, 8, 9], [7, 8, 9], [5, 6]]
+    assert [o.read_input_ids for o in out] == [e.read_input_ids for e in eps]
+    with pytest.raises(ValueError, match="two different contexts"):
+        shuffled_episodes([ep("a0", [5]), ep("a1", [5])])
