@@ -188,7 +188,7 @@ def analyse(units: list[UnitResult], p: ReportParams) -> Analysis:
 
 
 # ------------------------------------------------------------------------------------------- plots
-def _plot_headline(a: Analysis, path: Path) -> None:
+def _plot_headline(a: Analysis, path: Path, controls: Sequence[str] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +200,14 @@ def _plot_headline(a: Analysis, path: Path) -> None:
         labels = [lb for lb in a.labels if (lb, task) in a.intervals]
         ivs = [a.intervals[(lb, task)] for lb in labels]
         ys = range(len(labels))
-        colors = ["#c44e52" if lb.split("/")[-1].startswith("deltamem") else "#4c72b0" for lb in labels]
+        colors = [
+            "#999999"
+            if lb.split("/")[-1] in controls
+            else "#c44e52"
+            if lb.split("/")[-1].startswith("deltamem")
+            else "#4c72b0"
+            for lb in labels
+        ]
         ax.barh(list(ys), [iv.value for iv in ivs], color=colors, alpha=0.85)
         ax.errorbar(
             [iv.value for iv in ivs],
@@ -386,6 +393,30 @@ def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: di
     doc.add(Table(header, rows, caption=f"Mean headline score [{conf} CI] per task."))
     if "headline" in plots:
         doc.add(Image(plots["headline"], "Headline scores with 95% intervals", os.path.relpath(plots["headline"], out)))
+    # --- every overall metric of the task, not only the headline
+    for t in a.tasks:
+        units = [u for u in a.units if u.task == t]
+        keys = sorted(
+            {
+                k
+                for u in units
+                for k, v in u.metrics.items()
+                if "/" not in k and k not in ("headline", "n") and isinstance(v, int | float)
+            }
+        )
+        if len(keys) > 1:
+            rows = []
+            for lb in a.labels:
+                u = next((u for u in units if u.label == lb), None)
+                if u is not None:
+                    rows.append([f"`{lb}`"] + [fmt(float(u.metrics.get(k, math.nan))) for k in keys])
+            doc.add(
+                Table(
+                    ["condition", *[f"**{k}**" if k == units[0].metric else k for k in keys]],
+                    rows,
+                    caption=f"{t}: every metric the task reports (headline in bold).",
+                )
+            )
     # --- ratios
     deltas = [
         lb for lb in a.labels if (lb.split("/")[-1].startswith("deltamem") and lb.split("/")[-1] not in p.controls)
@@ -596,7 +627,7 @@ def run_report(p: ReportParams, root: Path) -> ReportResult:
         plots_dir = tmp / "plots"
         plots_dir.mkdir()
         plots: dict[str, Path] = {}
-        _plot_headline(a, plots_dir / "headline.png")
+        _plot_headline(a, plots_dir / "headline.png", p.controls)
         plots["headline"] = plots_dir / "headline.png"
         if _plot_training(train, plots_dir / "training.png"):
             plots["training"] = plots_dir / "training.png"
