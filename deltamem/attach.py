@@ -83,6 +83,7 @@ class DeltaMemController:
         self.beta_means: dict[int, torch.Tensor] = {}  # mean β over the last call's tokens, per layer
         self._pending: dict[int, dict[str, torch.Tensor] | None] = {}
         self._handles: list[Any] = []
+        self._checkpointed: dict[int, nn.Module] = {}
         self._install_hooks()
 
     # --- context ---------------------------------------------------------------------------------------
@@ -185,6 +186,71 @@ class DeltaMemController:
         if branch == "o":
             self._pending[idx] = None  # o_proj is the last projection of this attention call
         return out + delta.to(out.dtype)
+
+    # --- gradient checkpointing ------------------------------------------------------------------------
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(self._checkpointed)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute every decoder layer during backward instead of storing its activations.
+
+        For long writes (the paper's 8192 tokens) the stored activations of the frozen backbone dominate
+        training memory. A plain recomputing checkpoint would be wrong here, because δ-mem's hooks write
+        the state during the forward: the replay would start from the already-updated state. So each layer
+        ℓ is checkpointed as a pure function of its state,
+
+            (h_out, S_out) = checkpoint(f_ℓ, h_in, S_in),
+
+        with the call's context (write switch, segment ids, mask) captured at call time: the replay starts
+        from S_in and leaves the live state untouched. Calls that carry a KV cache are not checkpointed
+        (a replay would append to the cache twice); training passes ``use_cache=False``. Do not combine
+        with Hugging Face's own ``gradient_checkpointing_enable()``.
+        """
+        if self._checkpointed:
+            return
+        if getattr(self.decoder, "gradient_checkpointing", False):
+            raise ValueError(
+                "the backbone has Hugging Face gradient checkpointing enabled; it would replay δ-mem's state "
+                "writes. Disable it (model.gradient_checkpointing_disable()) and use this method instead."
+            )
+        for i, layer in enumerate(self.decoder.layers):
+            layer.forward = functools.partial(self._checkpointed_layer, i, layer.forward)
+            self._checkpointed[i] = layer
+
+    def disable_gradient_checkpointing(self) -> None:
+        for layer in self._checkpointed.values():
+            layer.__dict__.pop("forward", None)
+        self._checkpointed.clear()
+
+    def _checkpointed_layer(self, idx: int, orig: Any, *args: Any, **kwargs: Any) -> Any:
+        has_cache = any(kwargs.get(k) is not None for k in ("cache", "past_key_values", "past_key_value"))
+        if not torch.is_grad_enabled() or has_cache:
+            return orig(*args, **kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:]
+        ctx = (self.state, self.write, self.segment_ids, self.attention_mask)
+        has_state = ctx[0] is not None and idx in self.layers
+
+        def layer_fn(h: torch.Tensor, s: torch.Tensor | None) -> tuple[Any, torch.Tensor | None]:
+            saved = (self.state, self.write, self.segment_ids, self.attention_mask)
+            state = ctx[0]
+            if has_state:  # a private copy: the replay must not touch the live state
+                state = MemoryState(dict(ctx[0].layers))
+                state.layers[idx] = s
+            self.state, self.write, self.segment_ids, self.attention_mask = state, ctx[1], ctx[2], ctx[3]
+            try:
+                out = orig(h, *rest, **kwargs)
+                return out, (state.layers[idx] if has_state else None)
+            finally:
+                self.state, self.write, self.segment_ids, self.attention_mask = saved
+
+        from torch.utils.checkpoint import checkpoint
+
+        out, s_out = checkpoint(layer_fn, hidden, ctx[0].layers[idx] if has_state else None, use_reentrant=False)
+        if has_state:
+            ctx[0].layers[idx] = s_out
+        return out
 
     # --- parameters ------------------------------------------------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -31,8 +31,8 @@ fp32 master weights and fp32 math (``deltamem.memory`` casts to fp32), so no aut
 DeepSpeed's ``bf16``/``fp16`` modes are refused: they cast the *trainable* parameters to half precision, and
 δ-mem's ``F.linear(x.float(), W)`` then fails on the dtype mismatch.
 
-Gradient checkpointing is not supported: δ-mem's hooks write the memory state during the forward pass, and a
-recomputing checkpoint would run those writes twice (see docs/TRAINING.md).
+Gradient checkpointing (``optim.gradient_checkpointing``) uses δ-mem's own state-aware checkpointing
+(:meth:`deltamem.attach.DeltaMemController.enable_gradient_checkpointing`), not Hugging Face's.
 """
 
 from __future__ import annotations
@@ -260,6 +260,8 @@ def train_distributed(
         torch.use_deterministic_algorithms(True, warn_only=True)
     if getattr(model, "delta_mem", None) is None:
         model = attach_delta_mem(model, config)
+    if cfg.gradient_checkpointing:
+        model.delta_mem.enable_gradient_checkpointing()
     params = model.delta_mem.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

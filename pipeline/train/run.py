@@ -62,6 +62,7 @@ class OptimParams(BaseModel):
     checkpoint_every: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
     deterministic: bool = True
+    gradient_checkpointing: bool = False  # δ-mem-aware: recompute backbone layers in backward (long writes)
 
 
 class TrainParams(BaseModel):

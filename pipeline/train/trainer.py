@@ -56,6 +56,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     deterministic: bool = True
+    gradient_checkpointing: bool = False  # recompute the backbone's layers in backward (long writes)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -160,13 +161,14 @@ def episode_logits(
     device = next(model.parameters()).device
     b = {k: v.to(device) for k, v in batch.items()}
     if memory == "none":
-        return model(input_ids=b["read_ids"], attention_mask=b["read_mask"]).logits, b["labels"]
+        return model(input_ids=b["read_ids"], attention_mask=b["read_mask"], use_cache=False).logits, b["labels"]
     seg = b["segment_ids"] if model.delta_mem.config.write_mode == "SSW" else None
     state = model.write_memory(b["write_ids"], attention_mask=b["write_mask"], segment_ids=seg)
     if memory == "shuffled":
         B = state.batch_size
         state = state.select([(i + 1) % B for i in range(B)])
-    return model(input_ids=b["read_ids"], attention_mask=b["read_mask"], memory=state).logits, b["labels"]
+    read = model(input_ids=b["read_ids"], attention_mask=b["read_mask"], memory=state, use_cache=False)
+    return read.logits, b["labels"]
 
 
 def episode_forward(
@@ -318,6 +320,8 @@ def train(
     if getattr(model, "delta_mem", None) is None:
         model = attach_delta_mem(model, config)
     model.eval()  # frozen backbone: no dropout; δ-mem has no dropout either
+    if cfg.gradient_checkpointing:
+        model.delta_mem.enable_gradient_checkpointing()
     params = model.delta_mem.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

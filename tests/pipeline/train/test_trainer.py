@@ -132,3 +132,20 @@ def test_shuffled_control_reads_another_conversations_context():
     assert [o.read_input_ids for o in out] == [e.read_input_ids for e in eps]
     with pytest.raises(ValueError, match="two different contexts"):
         shuffled_episodes([ep("a0", [5]), ep("a1", [5])])
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(episodes, smol_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    pad = smol_tokenizer.eos_token_id
+    runs = {}
+    for flag in (False, True):
+        cfg = small_cfg(steps=3, gradient_checkpointing=flag)
+        model = tiny(len(smol_tokenizer))
+        result = train(model, episodes, pad, DeltaMemConfig(), cfg, tmp_path / str(flag), progress=False)
+        assert model.delta_mem.gradient_checkpointing is flag
+        runs[flag] = (load_file(str(tmp_path / str(flag) / "adapter" / "adapter.safetensors")), result.history)
+    (a, ha), (b, hb) = runs[False], runs[True]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [r["loss"] for r in hb] == pytest.approx([r["loss"] for r in ha], rel=1e-5)
