@@ -233,5 +233,7 @@ def _finish(model, val_eps, pad_id, result, before, wall, evaluate_loss) -> dict
     }
     if val_eps:
         for memory in ("written", "shuffled", "none"):
-            metrics[f"val_answer_ce/{memory}"] = evaluate_loss(model, val_eps, pad_id, memory)
+            value = evaluate_loss(model, val_eps, pad_id, memory)
+            if value == value:  # NaN: the control cannot be formed (one context only); leave it out
+                metrics[f"val_answer_ce/{memory}"] = value
     return metrics

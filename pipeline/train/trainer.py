@@ -212,8 +212,12 @@ def evaluate_loss(
     model: Any, episodes: Sequence[PackedExample], pad_id: int, memory: str, batch_size: int = 4
 ) -> float:
     """Token-weighted answer CE over ``episodes`` under one memory condition (``written``, ``none``, or
-    ``shuffled``: every question read against a different conversation's state)."""
+    ``shuffled``: every question read against a different conversation's state; NaN when all episodes
+    share one context)."""
     if memory == "shuffled":
+        if len({_context_key(ep) for ep in episodes}) < 2:
+            warnings.warn("shuffled-state control skipped: the episodes share one context", stacklevel=2)
+            return math.nan
         episodes, memory = shuffled_episodes(episodes), "written"
     total, count = 0.0, 0
     for start in range(0, len(episodes), batch_size):

@@ -66,4 +66,8 @@ def mlflow_env(_mlflow_db, monkeypatch) -> Path:
     """
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{_mlflow_db}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "pipeline-tests")
+    import mlflow
+
+    # an earlier test's mlflow.set_tracking_uri() is process-global and wins over the variable
+    mlflow.set_tracking_uri(f"sqlite:///{_mlflow_db}")
     return _mlflow_db

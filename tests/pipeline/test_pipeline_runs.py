@@ -24,8 +24,10 @@ def store(tmp_path, monkeypatch):
     params.write_text("train: {optim: {lr: 0.005, steps: 60}, variants: {TSW: {write_mode: TSW}}}\n")
     monkeypatch.setenv("DELTAMEM_PARAMS_FILE", str(params))
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    import mlflow
     from mlflow.tracking import MlflowClient
 
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # process-global: set it for this store
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 
