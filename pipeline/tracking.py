@@ -293,6 +293,14 @@ def start_run(
         raise
 
 
+_METRIC_UNSAFE = str.maketrans({c: "_" for c in "!\"#$%&'()*+,;<=>?@[\\]^`{|}~"})
+
+
+def metric_key(name: str) -> str:
+    """An MLflow-safe metric name (letters, digits, ``_ - . / :`` and spaces)."""
+    return "".join(ch if ch.isalnum() or ch in "_-./: " else "_" for ch in name.translate(_METRIC_UNSAFE))
+
+
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."

@@ -30,7 +30,7 @@ def log_to_mlflow(result, p: ReportParams) -> None:
 
     with tracking.start_run("report", tags={"stage": "report"}) as run:
         tracking.log_params(p.model_dump(mode="json"), prefix="report")
-        tracking.log_metrics({tracking_key(k): v for k, v in result.summary.items() if v is not None})
+        tracking.log_metrics({tracking.metric_key(k): v for k, v in result.summary.items() if v is not None})
         mlflow.log_artifacts(str(result.out_dir), artifact_path="report")
         parent = run.data.tags.get("mlflow.parentRunId")
     if parent:
@@ -39,7 +39,7 @@ def log_to_mlflow(result, p: ReportParams) -> None:
         for c in result.claims:
             client.log_metric(
                 parent,
-                tracking_key(f"claim/{c['deltamem']}/{c['task']}/vs/{c['versus']}/ratio"),
+                tracking.metric_key(f"claim/{c['deltamem']}/{c['task']}/vs/{c['versus']}/ratio"),
                 _finite(c["ratio"].value),
             )
         tracking.finish_pipeline_run("FINISHED")
@@ -47,13 +47,6 @@ def log_to_mlflow(result, p: ReportParams) -> None:
 
 def _finite(x: float) -> float:
     return x if x == x and abs(x) != float("inf") else (1e9 if x > 0 else -1e9)
-
-
-def tracking_key(name: str) -> str:
-    """MLflow metric names allow ``[A-Za-z0-9_\\-. /]``."""
-    import re
-
-    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1213,14 +1213,6 @@ def _remove_stale_units(out: Path, units: Sequence[Unit]) -> None:
                 cdir.rmdir()
 
 
-_METRIC_UNSAFE = str.maketrans({c: "_" for c in "!\"#$%&'()*+,;<=>?@[\\]^`{|}~"})
-
-
-def metric_key(name: str) -> str:
-    """An MLflow-safe metric name (letters, digits, ``_ - . / :`` and spaces)."""
-    return "".join(ch if ch.isalnum() or ch in "_-./: " else "_" for ch in name.translate(_METRIC_UNSAFE))
-
-
 def log_to_mlflow(p: EvalParams, units: Sequence[Unit], out: Path, summary: EvalSummary) -> None:
     """A parent run ``evaluate`` (params, headline per unit, the combined metrics) with one nested run per
     unit (its metrics, per-category keys included; predictions and metrics as artifacts)."""
@@ -1235,13 +1227,13 @@ def log_to_mlflow(p: EvalParams, units: Sequence[Unit], out: Path, summary: Eval
             if u.skipped:
                 continue
             metrics = summary.metrics[f"{u.variant}/{u.condition}"][u.name]
-            headline[metric_key(f"{u.key}/headline")] = metrics.get("headline")
+            headline[tracking.metric_key(f"{u.key}/headline")] = metrics.get("headline")
             tags = {"stage": "evaluate", "variant": u.variant, "condition": u.condition, "task": u.task}
             with tracking.start_run(f"eval-{u.variant}-{u.condition}-{u.name}", tags=tags, nested=True):
                 tracking.log_params(
                     {"variant": u.variant, "condition": u.condition, "task": u.task, "shards": len(u.shards)}
                 )
-                tracking.log_metrics({metric_key(k): v for k, v in metrics.items()})
+                tracking.log_metrics({tracking.metric_key(k): v for k, v in metrics.items()})
                 folder = u.folder(out)
                 mlflow.log_artifact(str(folder / PREDICTIONS))
                 mlflow.log_artifact(str(folder / METRICS))

@@ -188,12 +188,18 @@ def analyse(units: list[UnitResult], p: ReportParams) -> Analysis:
 
 
 # ------------------------------------------------------------------------------------------- plots
-def _plot_headline(a: Analysis, path: Path, controls: Sequence[str] = ()) -> None:
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_headline(a: Analysis, path: Path, controls: Sequence[str] = ()) -> None:
+    plt = _pyplot()
     n_tasks = len(a.tasks)
     fig, axes = plt.subplots(1, n_tasks, figsize=(max(5.0, 4.5 * n_tasks), 0.45 * len(a.labels) + 1.6), squeeze=False)
     for ax, task in zip(axes[0], a.tasks, strict=True):
@@ -232,11 +238,7 @@ def _plot_training(train: Sequence[Any], path: Path) -> bool:
     rows = [t for t in train if t.history]
     if not rows:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for t in rows:
         steps = [r["step"] for r in t.history if "answer_ce" in r]
@@ -270,11 +272,7 @@ def _plot_memory(units: Sequence[UnitResult], path: Path) -> bool:
     per_task: dict[str, tuple[float, float]] = {}
     for t, s, k in pts:
         per_task.setdefault(t, (s, k))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.2))
     names = sorted(per_task)
     xs = range(len(names))
