@@ -10,8 +10,9 @@ empty; in the paper they are scored with δ-mem writing online while it reads th
   ``official`` = the GPQA baselines' ``parse_sampled_answer`` (made for their "The correct answer is
   (X)" prompt, so it misses most JSON replies — the preset scores GPQA the paper's way).
 * ``ifeval``: the prompt as the only user turn; greedy, 1,500 new tokens. Prompt- and instruction-level
-  accuracy, strict and loose (:mod:`pipeline.eval.metrics.ifeval`); the paper runs the same
-  lm-evaluation-harness checkers, so both protocols score alike.
+  accuracy, strict and loose (:mod:`pipeline.eval.metrics.ifeval`); scoring ``delta-mem`` swaps in the
+  paper's stand-ins for langdetect and NLTK (``ifeval_compat.py``), ``official`` is the google-research
+  / lm-evaluation-harness behaviour.
 """
 
 from __future__ import annotations
@@ -144,15 +145,16 @@ class IFEvalTask(Task):
     def render_context(self, example: Example, segments=None) -> str:  # type: ignore[override]
         return ""
 
-    def _verdict(self, example: Example, prediction: str) -> IFEvalVerdict:
+    def _verdict(self, example: Example, prediction: str, scoring: str = "official") -> IFEvalVerdict:
         ids = example.instruction_ids or []
         kwargs = example.kwargs if example.kwargs is not None else [{} for _ in ids]
-        return evaluate_response(ids, kwargs, prediction, example.question)
+        paper = check_scoring(scoring) == "delta-mem"
+        return evaluate_response(ids, kwargs, prediction, example.question, paper=paper)
 
     def score(
         self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
     ) -> dict[str, float]:
-        return self._scores(self._verdict(example, prediction))
+        return self._scores(self._verdict(example, prediction, scoring))
 
     @staticmethod
     def _scores(v: IFEvalVerdict) -> dict[str, float]:
@@ -166,7 +168,7 @@ class IFEvalTask(Task):
         }
 
     def details(self, example: Example, prediction: str, scoring: str = "official") -> dict[str, Any]:
-        return self._details(self._verdict(example, prediction))
+        return self._details(self._verdict(example, prediction, scoring))
 
     @staticmethod
     def _details(v: IFEvalVerdict) -> dict[str, Any]:
@@ -175,7 +177,7 @@ class IFEvalTask(Task):
     def score_row(
         self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
     ) -> dict[str, Any]:
-        v = self._verdict(example, prediction)  # checked once for both scores and details
+        v = self._verdict(example, prediction, scoring)  # checked once for both scores and details
         return self.row(example, self._scores(v), self._details(v), check_scoring(scoring))
 
     def aggregate(self, rows) -> dict[str, float]:  # type: ignore[override]

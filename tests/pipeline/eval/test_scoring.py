@@ -372,3 +372,91 @@ def test_rescore_rows_keeps_generation_fields_and_changes_scores():
     assert fresh["scores"]["accuracy"] == 1.0 and fresh["scoring"] == "delta-mem"
     assert fresh["new_tokens"] == 7 and fresh["prediction"] == stored["prediction"]
     assert list(fresh) == list(stored)
+
+
+# --- IFEval: the paper's stand-ins for langdetect and NLTK ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("", None),  # undetectable: counted as followed, as upstream
+        ("The cat is on the mat with you.", "en"),
+        ("HELLO WORLD", "en"),  # no stop word: English
+        ("你好，世界", "en"),  # no listed script and no stop word: English
+        ("Der Hund und die Katze", "de"),
+        ("Il gatto e la casa", "it"),  # "e" also votes pt; it wins the tie by list order
+        ("Привет и не что", "ru"),
+        ("Здравей, се за че", "bg"),
+        ("مرحبا ٹ", "ur"),
+        ("سلام گ", "fa"),
+        ("नमस्ते यो", "ne"),
+        ("안녕하세요", "ko"),
+        ("tämä on", "fi"),  # "on" votes; "tämä" is folded to "tama" and never matches
+    ],
+)
+def test_paper_language_detector(text, language):
+    from pipeline.eval.metrics.ifeval import paper_detect_language
+
+    assert paper_detect_language(text) == language
+
+
+def test_paper_sentence_and_word_stand_ins():
+    from pipeline.eval.metrics.ifeval import evaluate_response, paper_split_sentences, paper_word_tokenize
+
+    text = "Dr. Smith arrived. Was it late?\n\nYes!  OK"
+    assert paper_split_sentences(text) == ["Dr.", "Smith arrived.", "Was it late?", "Yes!", "OK"]
+    assert paper_word_tokenize("DON'T stop U.S.A.") == ["DON", "T", "stop", "U", "S", "A"]
+    ids, kw = ["length_constraints:number_sentences"], [{"relation": "less than", "num_sentences": 5}]
+    assert evaluate_response(ids, kw, text).strict == (True,)  # Punkt: 4 sentences ("Dr." is no end)
+    assert evaluate_response(ids, kw, text, paper=True).strict == (False,)  # the stand-in: 5
+    lang = ["language:response_language"], [{"language": "ja"}]
+    japanese = "これは日本語の答えです。とても長い文章です。"
+    assert evaluate_response(*lang, japanese).strict == (True,)  # langdetect: ja
+    assert evaluate_response(*lang, japanese, paper=True).strict == (False,)  # the stand-in: en
+
+
+def test_ifeval_task_protocols_differ_only_in_the_stand_ins():
+    task = get_task("ifeval")
+    ex = Example(
+        example_id="i",
+        task="ifeval",
+        question="Answer in Japanese.",
+        answers=[],
+        instruction_ids=["language:response_language", "punctuation:no_comma"],
+        kwargs=[{"language": "ja"}, {}],
+    )
+    reply = "これは日本語の答えです。とても長い文章です。"
+    assert task.score(ex, reply)["prompt_level_strict_acc"] == 1.0
+    paper_row = task.score_row(ex, reply, "delta-mem")
+    assert paper_row["scores"]["prompt_level_strict_acc"] == 0.0 and paper_row["details"]["strict"] == [False, True]
+
+
+def test_ifeval_paper_stand_ins_on_the_reference_responses():
+    """On the GPT-4 reference responses the paper's stand-ins change 19 prompts' strict verdicts, all
+    through the three instruction families they touch."""
+    from pipeline.data import load_split
+    from tests.pipeline.conftest import shared_file
+
+    examples, _ = load_split("ifeval", "test", source=str(shared_file("ifeval/input_data.jsonl")))
+    path = shared_file("ifeval/input_response_data_gpt4_20231107_145030.jsonl")
+    responses = {r["prompt"]: r["response"] for r in map(json.loads, path.read_text().splitlines()) if r}
+    task = get_task("ifeval")
+    official = [task.score_row(e, responses[e.question]) for e in examples]
+    ours = [task.score_row(e, responses[e.question], "delta-mem") for e in examples]
+    changed = set()
+    for a, b in zip(official, ours, strict=True):
+        for iid, x, y in zip(
+            a["details"]["instruction_ids"], a["details"]["strict"], b["details"]["strict"], strict=True
+        ):
+            if x != y:
+                changed.add((a["example_id"], iid))
+    assert len({e for e, _ in changed}) == 19
+    assert {i for _, i in changed} == {
+        "language:response_language",
+        "length_constraints:number_sentences",
+        "change_case:english_lowercase",
+        "change_case:english_capital",
+    }
+    assert round(task.aggregate(official)["prompt_level_strict_acc"], 4) == 0.7722
+    assert round(task.aggregate(ours)["prompt_level_strict_acc"], 4) == 0.7648
