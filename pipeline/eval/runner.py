@@ -82,6 +82,9 @@ class TaskEntry(BaseModel):
         name: output folder name (default: ``dataset``, or ``dataset-split`` when needed to be unique).
         limit: the first ``limit`` questions of the split (file order; None = all).
         conditions: conditions for this set (default: ``evaluate.conditions``).
+        scoring: ``official`` (the benchmark's own code, cleanup included) or ``delta-mem`` (the δ-mem
+            paper's evaluation code); not part of the prediction hash: a change re-scores the stored
+            predictions without generating again.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -92,11 +95,19 @@ class TaskEntry(BaseModel):
     name: str | None = None
     limit: int | None = Field(default=None, ge=1)
     conditions: list[str] | None = None
+    scoring: str = "official"
 
     @field_validator("conditions")
     @classmethod
     def _known(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else _check_conditions(v)
+
+    @field_validator("scoring")
+    @classmethod
+    def _scoring(cls, v: str) -> str:
+        from pipeline.eval.tasks import check_scoring
+
+        return check_scoring(v)
 
     @property
     def out_name(self) -> str:
@@ -277,6 +288,7 @@ class ShardSpec:
     settings: dict[str, Any]
     config_hash: str = ""
     fail_attempts: int = 0
+    scoring: str = "official"  # the scoring protocol (outside config_hash: re-scored, not regenerated)
 
     @property
     def unit(self) -> str:
@@ -297,6 +309,7 @@ class Unit:
     name: str
     shards: list[ShardSpec] = field(default_factory=list)
     skipped: str | None = None
+    scoring: str = "official"
 
     @property
     def key(self) -> str:
@@ -406,7 +419,10 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
         if not examples:
             raise EvalInputError(f"{path}: no examples")
         task_name = entry.task or examples[0].task
-        get_task(task_name)
+        try:
+            get_task(task_name).check_scoring_inputs(examples, entry.scoring, path.parent)
+        except ValueError as err:
+            raise EvalInputError(f"evaluate.tasks[{entry.out_name}] scoring {entry.scoring!r}: {err}") from None
         data_digest = tree_digest(path) + tree_digest(path.with_name(f"{entry.split}.contexts.jsonl"))
         chosen = examples[: entry.limit] if entry.limit else examples
         groups = group_conversations(chosen)
@@ -415,7 +431,7 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
             cond = get_condition(cond_name)
             hashed_settings = p.prediction_settings(cond_name)
             for variant in p.variants if cond.uses_adapter else [BASE_VARIANT]:
-                unit = Unit(variant, cond_name, task_name, entry.out_name)
+                unit = Unit(variant, cond_name, task_name, entry.out_name, scoring=entry.scoring)
                 units.append(unit)
                 adapter = None
                 adapter_digest = None
@@ -443,6 +459,7 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
                         example_ids=ids,
                         donors=shard_donors,
                         settings=p.prediction_settings(),
+                        scoring=entry.scoring,
                     )
                     spec.config_hash = _hash(
                         {
@@ -893,7 +910,7 @@ class EvalWorker:
         for i, it in enumerate(items):
             e = it["example"]
             text, new_tokens = results[i]
-            row = task.score_row(e, text)
+            row = task.score_row(e, text, spec.scoring, Path(spec.data_path).parent)
             row.update(
                 conversation_id=it["key"],
                 question=e.question,
@@ -974,7 +991,10 @@ def write_shard(out: Path, spec: ShardSpec, result: Mapping[str, Any]) -> None:
     """Predictions first, then the meta file (its presence with the right hash marks the shard done)."""
     rows_path, meta_path = shard_paths(out, spec)
     _atomic_write(rows_path, _jsonl(result["rows"]))
+    from pipeline.eval.tasks import scoring_id
+
     meta = {"key": spec.key, "config_hash": spec.config_hash, "rows": len(result["rows"]), "cost": result["cost"]}
+    meta["scoring"] = scoring_id(spec.scoring)  # what the rows were scored by
     _atomic_write(meta_path, json.dumps(_json_safe(meta), indent=2, sort_keys=True) + "\n")
 
 
@@ -990,7 +1010,29 @@ def read_shard(out: Path, spec: ShardSpec) -> dict[str, Any] | None:
         return None
     if len(rows) != meta.get("rows") or [r.get("example_id") for r in rows] != spec.example_ids:
         return None
-    return {"key": spec.key, "config_hash": spec.config_hash, "rows": rows, "cost": meta.get("cost", {})}
+    return {
+        "key": spec.key,
+        "config_hash": spec.config_hash,
+        "rows": rows,
+        "cost": meta.get("cost", {}),
+        "scoring": meta.get("scoring"),
+    }
+
+
+def rescore_shard(out: Path, spec: ShardSpec, stored: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+    """A stored shard scored again under ``spec.scoring`` from its stored predictions (nothing is
+    generated) and written back; ``cache``: data path → examples by id."""
+    from pipeline.data.schema import read_split
+    from pipeline.eval.tasks import get_task, rescore_rows
+
+    if spec.data_path not in cache:
+        cache[spec.data_path] = {e.example_id: e for e in read_split(Path(spec.data_path))}
+    rows = rescore_rows(
+        get_task(spec.task), stored["rows"], cache[spec.data_path], spec.scoring, Path(spec.data_path).parent
+    )
+    result = {**stored, "rows": rows}
+    write_shard(out, spec, result)
+    return result
 
 
 SUM_COSTS = (
@@ -1101,6 +1143,7 @@ class EvalSummary:
     skipped_units: dict[str, str]
     metrics: dict[str, dict[str, dict[str, Any]]]
     wall_s: float
+    rescored: list[str] = field(default_factory=list)  # reused shards scored again (scoring changed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1125,11 +1168,18 @@ def run_evaluate(
     units = plan(p, root)
     backbone = resolve_path(root, p.backbone)
     specs = [s for u in units for s in u.shards]
+    from pipeline.eval.tasks import scoring_id
+
     done: dict[str, dict[str, Any]] = {}
+    rescored: list[str] = []
+    examples_cache: dict[str, Any] = {}
     if p.resume:
         for s in specs:
             stored = read_shard(out, s)
             if stored is not None:
+                if stored.get("scoring") != scoring_id(s.scoring):
+                    stored = rescore_shard(out, s, stored, examples_cache)
+                    rescored.append(s.key)
                 done[s.key] = stored
     reused = list(done)
     todo = [s for s in specs if s.key not in done]
@@ -1148,7 +1198,11 @@ def run_evaluate(
             )
 
     if progress:
-        print(f"evaluate: {len(specs)} shards, {len(reused)} already done, {len(todo)} to compute", flush=True)
+        print(
+            f"evaluate: {len(specs)} shards, {len(reused)} already done ({len(rescored)} re-scored), "
+            f"{len(todo)} to compute",
+            flush=True,
+        )
     if p.workers == 0 or not todo:
         failures = run_local(todo, p, backbone, on_result, worker)
     else:
@@ -1168,6 +1222,7 @@ def run_evaluate(
         results = [done[s.key] for s in u.shards]
         rows = [r for res in results for r in res["rows"]]
         metrics = unit_metrics(u.task, rows, [res["cost"] for res in results], p)
+        metrics["scoring"] = u.scoring  # the protocol that produced these numbers (read by the report)
         folder = u.folder(out)
         _atomic_write(folder / PREDICTIONS, _jsonl(rows))
         _atomic_write(folder / METRICS, json.dumps(_json_safe(metrics), indent=2, sort_keys=True) + "\n")
@@ -1179,7 +1234,7 @@ def run_evaluate(
         extra = root / p.metrics_file
         extra.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(extra, json.dumps(_json_safe(combined), indent=2, sort_keys=True) + "\n")
-    summary = EvalSummary(computed, reused, skipped, combined, time.perf_counter() - t0)
+    summary = EvalSummary(computed, reused, skipped, combined, time.perf_counter() - t0, rescored)
     if log_mlflow:
         log_to_mlflow(p, units, out, summary)
     return summary
@@ -1231,7 +1286,13 @@ def log_to_mlflow(p: EvalParams, units: Sequence[Unit], out: Path, summary: Eval
             tags = {"stage": "evaluate", "variant": u.variant, "condition": u.condition, "task": u.task}
             with tracking.start_run(f"eval-{u.variant}-{u.condition}-{u.name}", tags=tags, nested=True):
                 tracking.log_params(
-                    {"variant": u.variant, "condition": u.condition, "task": u.task, "shards": len(u.shards)}
+                    {
+                        "variant": u.variant,
+                        "condition": u.condition,
+                        "task": u.task,
+                        "shards": len(u.shards),
+                        "scoring": u.scoring,
+                    }
                 )
                 tracking.log_metrics({tracking.metric_key(k): v for k, v in metrics.items()})
                 folder = u.folder(out)

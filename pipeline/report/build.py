@@ -380,7 +380,13 @@ def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: di
         )
     # --- headline
     doc.add(Heading("Headline scores"))
-    header = ["condition"] + [f"{t} ({next(u.metric for u in a.units if u.task == t)})" for t in a.tasks]
+
+    def _scoring(t: str) -> str:  # the scoring protocol(s) behind the task's numbers (evaluate's metrics.json)
+        return "/".join(sorted({str(u.metrics.get("scoring") or "official") for u in a.units if u.task == t}))
+
+    header = ["condition"] + [
+        f"{t} ({next(u.metric for u in a.units if u.task == t)}, scoring {_scoring(t)})" for t in a.tasks
+    ]
     rows = []
     for lb in a.labels:
         row = [f"`{lb}`"]
@@ -388,7 +394,14 @@ def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: di
             iv = a.intervals.get((lb, t))
             row.append(fmt_interval(iv) if iv else "–")
         rows.append(row)
-    doc.add(Table(header, rows, caption=f"Mean headline score [{conf} CI] per task."))
+    doc.add(
+        Table(
+            header,
+            rows,
+            caption=f"Mean headline score [{conf} CI] per task; `scoring` names the protocol that scored it "
+            "(`official`: the benchmark's own code; `delta-mem`: the δ-mem paper's; docs/EVALUATION.md).",
+        )
+    )
     if "headline" in plots:
         doc.add(Image(plots["headline"], "Headline scores with 95% intervals", os.path.relpath(plots["headline"], out)))
     # --- every overall metric of the task, not only the headline
