@@ -136,6 +136,10 @@ def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
             }
             if packer is not None:
                 split_manifest["token_lengths"] = token_stats(examples, packer)
+            if entry.name == "qasper" and split == "train":  # what the paper's training recipe gets from it
+                from .qasper import recipe_stats
+
+                split_manifest["paper_recipe"] = recipe_stats(examples, packer)
             ds_manifest["splits"][split] = split_manifest
             manifest["totals"]["examples"] += counts["examples"]
         manifest["datasets"][entry.out_name] = ds_manifest
