@@ -247,3 +247,20 @@ def test_prepare_tokenizer_exits_2_with_one_line(tmp_path, capsys, no_network):
     assert time.monotonic() - t0 < 5.0
     line = _one_error_line(capsys.readouterr().err)
     assert "someorg/sometokenizer" in line and "cannot be reached" in line
+
+
+def test_flash_attn_is_its_own_install_step():
+    """`pip install .[gpu]` must never try to build flash-attn (no wheel; an isolated build cannot see torch)."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[2]
+    extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not [d for deps in extras.values() for d in deps if d.replace("_", "-").startswith("flash-attn")]
+    readme = (repo / "README.md").read_text()
+    assert "pip install flash-attn --no-build-isolation" in readme and 'pip install -e ".[gpu]"' in readme
+    for preset in sorted((repo / "configs").glob("*.yaml")):
+        import yaml
+
+        data = yaml.safe_load(preset.read_text())
+        for section in ("backbone", "train", "evaluate"):
+            assert data[section]["attn_implementation"] == "auto", (preset.name, section)
