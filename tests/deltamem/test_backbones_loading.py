@@ -264,3 +264,46 @@ def test_flash_attn_is_its_own_install_step():
         data = yaml.safe_load(preset.read_text())
         for section in ("backbone", "train", "evaluate"):
             assert data[section]["attn_implementation"] == "auto", (preset.name, section)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_every_stage_passes_attn_implementation_to_the_one_loader(tmp_path, monkeypatch):
+    """backbone, train (single and distributed) and evaluate all load through deltamem.backbones.load_backbone
+    with the section's attn_implementation."""
+    import deltamem.backbones as backbones
+    import pipeline.train.distributed as dist_mod
+    from pipeline.eval.runner import EvalWorker
+    from pipeline.train.run import BackboneParams, TrainParams, prepare_backbone, run_train
+
+    seen = []
+
+    def fake_load(name, *args, **kwargs):
+        seen.append((name, kwargs.get("attn_implementation"), kwargs.get("what")))
+        raise _Stop
+
+    monkeypatch.setattr(backbones, "load_backbone", fake_load)
+    monkeypatch.setattr(dist_mod, "_rank_world", lambda: (0, 1))
+    with pytest.raises(_Stop):
+        prepare_backbone(BackboneParams(name_or_path="some/where", attn_implementation="eager"), tmp_path)
+    train = TrainParams(backbone="models/backbone", attn_implementation="sdpa")
+    with pytest.raises(_Stop):
+        run_train(train, "TSW", tmp_path, log_mlflow=False, progress=False)
+    with pytest.raises(_Stop):
+        dist_mod.run_train_distributed(train, "TSW", tmp_path, torch.device("cpu"), log_mlflow=False)
+    with pytest.raises(_Stop):
+        EvalWorker("models/backbone", "float32", "cpu", 1, attn_implementation="flash_attention_2")
+    assert [s[1] for s in seen] == ["eager", "sdpa", "sdpa", "flash_attention_2"]
+    assert [s[2] for s in seen] == ["backbone.name_or_path", "train.backbone", "train.backbone", "evaluate.backbone"]
+
+
+def test_evaluate_stage_exits_2_on_a_missing_backbone(tmp_path, capsys, no_network):
+    from stages.evaluate import main as evaluate_main
+
+    params = tmp_path / "params.yaml"
+    params.write_text("evaluate: {backbone: ../models/none, workers: 0}\n")
+    assert evaluate_main(["--params", str(params), "--no-tracking"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "evaluate.backbone" in line and "../models/none" in line and not no_network
