@@ -16,7 +16,8 @@ Source resolution (:func:`resolve_source`), before anything is loaded:
 
 Attention (:func:`resolve_attn_implementation`): ``auto`` = ``flash_attention_2`` when the ``flash_attn``
 package is importable, CUDA is available and the dtype is 16-bit (FlashAttention has no fp32 or CPU kernel);
-otherwise ``sdpa``. ``eager``, ``sdpa`` and ``flash_attention_2`` are passed as given.
+otherwise ``sdpa``. ``eager``, ``sdpa`` and ``flash_attention_2`` are passed as given (an explicit
+``flash_attention_2`` without the package is a :class:`BackboneLoadError` naming the install line).
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def flash_attn_available() -> bool:
 def resolve_attn_implementation(value: str | None, dtype: Any = None) -> str:
     """The attention implementation to pass to ``from_pretrained`` (see the module docstring)."""
     value = check_attn_implementation(value)
+    if value == "flash_attention_2" and not flash_attn_available():
+        raise BackboneLoadError(
+            "attn_implementation flash_attention_2 needs the flash_attn package, installed after torch: "
+            "pip install flash-attn --no-build-isolation (or use auto: flash_attention_2 when usable, else sdpa)"
+        )
     if value != "auto":
         return value
     import torch

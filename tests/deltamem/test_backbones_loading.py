@@ -82,11 +82,15 @@ def test_auto_is_flash_attention_only_when_usable(monkeypatch):
     assert resolve_attn_implementation("auto", torch.bfloat16) == "sdpa"
 
 
-def test_explicit_values_pass_and_unknown_ones_are_refused():
-    for value in ("eager", "sdpa", "flash_attention_2"):
+def test_explicit_values_pass_and_unknown_ones_are_refused(monkeypatch, no_flash_attn):
+    for value in ("eager", "sdpa"):
         assert resolve_attn_implementation(value, torch.float32) == value
     with pytest.raises(ValueError, match="allowed: auto, eager, sdpa, flash_attention_2"):
         resolve_attn_implementation("flash")
+    with pytest.raises(BackboneLoadError, match="pip install flash-attn --no-build-isolation"):
+        resolve_attn_implementation("flash_attention_2")  # asked for, not installed: one line, not a traceback
+    monkeypatch.setattr(L, "flash_attn_available", lambda: True)
+    assert resolve_attn_implementation("flash_attention_2", torch.bfloat16) == "flash_attention_2"
 
 
 @pytest.mark.parametrize(("asked", "expected"), [("auto", "sdpa"), ("eager", "eager"), ("sdpa", "sdpa")])
