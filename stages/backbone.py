@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from deltamem.backbones import BackboneLoadError
 from pipeline.params import ParamsError, load_section
 from pipeline.train.run import BackboneParams, prepare_backbone
 
@@ -19,10 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         p = load_section(args.params, "backbone", BackboneParams)
-    except ParamsError as err:
+        out = prepare_backbone(p, Path(args.params).resolve().parent)
+    except (ParamsError, BackboneLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = prepare_backbone(p, Path(args.params).resolve().parent)
     print(f"backbone saved to {out}")
     return 0
 

@@ -20,6 +20,7 @@ try:
 except ImportError:  # a plain checkout: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deltamem.backbones import EMBEDDED_NAMES, BackboneLoadError, resolve_source
 from pipeline.eval.runner import EvalError, EvalInputError, EvalParams, run_evaluate
 from pipeline.params import ParamsError, load_section
 
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         p = load_section(args.params, "evaluate", EvalParams)
-    except ParamsError as err:
+        if p.backbone not in EMBEDDED_NAMES:  # before Ray actors start and each fail on it
+            resolve_source(p.backbone, Path(args.params).resolve().parent, "evaluate.backbone")
+    except (ParamsError, BackboneLoadError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
     updates = {}
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         p = p.model_copy(update=updates)
     try:
         summary = run_evaluate(p, Path(args.params).resolve().parent, log_mlflow=not args.no_tracking)
-    except EvalInputError as err:
+    except (EvalInputError, BackboneLoadError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
     except EvalError as err:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deltamem.backbones import EMBEDDED_NAMES, BackboneLoadError, resolve_source
 from pipeline.params import ParamsError, load_section
 from pipeline.train.run import TrainParams, run_train
 
@@ -27,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         p = load_section(args.params, "train", TrainParams)
         p.deltamem_config(args.variant)
-    except (ParamsError, ValueError) as err:
+        if p.backbone not in EMBEDDED_NAMES:  # before torchrun starts ranks that would each fail
+            resolve_source(p.backbone, Path(args.params).resolve().parent, "train.backbone")
+    except (ParamsError, ValueError, BackboneLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     nproc = args.nproc or p.nproc
@@ -48,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             args.variant,
         ]
         return subprocess.call(cmd + (["--no-tracking"] if args.no_tracking else []))
-    metrics = run_train(p, args.variant, Path(args.params).resolve().parent, log_mlflow=not args.no_tracking)
+    try:
+        metrics = run_train(p, args.variant, Path(args.params).resolve().parent, log_mlflow=not args.no_tracking)
+    except BackboneLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(metrics, indent=2))
     return 0
 

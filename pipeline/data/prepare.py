@@ -71,17 +71,17 @@ def _file_entry(path: Path, root: Path) -> dict[str, Any]:
     return {"path": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def _make_packer(params: Any) -> Any:
+def _make_packer(params: Any, base_dir: Path | None = None) -> Any:
     if params.tokenizer is None:
         return None
     from .tokenize import Packer, load_tokenizer
 
-    tok = load_tokenizer(params.tokenizer.name_or_path, params.tokenizer.gguf_file)
+    tok = load_tokenizer(params.tokenizer.name_or_path, params.tokenizer.gguf_file, root=base_dir)
     return Packer(tok, write_length=params.tokenizer.write_length, read_length=params.tokenizer.read_length)
 
 
 def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
-    packer = _make_packer(params)
+    packer = _make_packer(params, base_dir)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "params": params.model_dump(mode="json", exclude_none=True),
@@ -136,6 +136,10 @@ def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
             }
             if packer is not None:
                 split_manifest["token_lengths"] = token_stats(examples, packer)
+            if entry.name == "qasper" and split == "train":  # what the paper's training recipe gets from it
+                from .qasper import recipe_stats
+
+                split_manifest["paper_recipe"] = recipe_stats(examples, packer)
             ds_manifest["splits"][split] = split_manifest
             manifest["totals"]["examples"] += counts["examples"]
         manifest["datasets"][entry.out_name] = ds_manifest

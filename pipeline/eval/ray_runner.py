@@ -56,7 +56,16 @@ def _pool_key(p: EvalParams, backbone: str, threads: int | None) -> tuple:
     import ray
 
     node = ray.get_runtime_context().get_node_id()
-    return (node, backbone, p.dtype, p.device, threads, p.ray.actor_num_cpus, p.ray.actor_num_gpus)
+    return (
+        node,
+        backbone,
+        p.dtype,
+        p.attn_implementation,
+        p.device,
+        threads,
+        p.ray.actor_num_cpus,
+        p.ray.actor_num_gpus,
+    )
 
 
 def shutdown_pool() -> None:
@@ -95,7 +104,7 @@ def run_ray(
         threads = worker_threads(p, in_process=False)
 
         def new_actor() -> Any:
-            return actor_cls.remote(backbone, p.dtype, p.device, threads)
+            return actor_cls.remote(backbone, p.dtype, p.device, threads, p.attn_implementation)
 
         key = _pool_key(p, backbone, threads)
         if _POOL["key"] != key:

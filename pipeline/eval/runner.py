@@ -202,10 +202,18 @@ class EvalParams(BaseModel):
     max_retries: int = Field(default=2, ge=0)
     device: str = "auto"
     dtype: str = "float32"
+    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (deltamem.backbones)
     resume: bool = True
     seed: int = 0
     ray: RayParams = Field(default_factory=RayParams)
     inject_failures: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attn(cls, v: str) -> str:
+        from deltamem.backbones import check_attn_implementation
+
+        return check_attn_implementation(v)
 
     @field_validator("conditions")
     @classmethod
@@ -565,7 +573,14 @@ class EvalWorker:
     Used in-process (``workers: 0``) and as the Ray actor class (:mod:`pipeline.eval.ray_runner`).
     """
 
-    def __init__(self, backbone: str, dtype: str = "float32", device: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        backbone: str,
+        dtype: str = "float32",
+        device: str = "auto",
+        threads: int | None = None,
+        attn_implementation: str = "auto",
+    ):
         import torch
 
         from deltamem.backbones import find_attention_layers, load_backbone
@@ -576,7 +591,9 @@ class EvalWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model, self.tokenizer = load_backbone(backbone, dtype=_torch_dtype(dtype))
+        self.model, self.tokenizer = load_backbone(
+            backbone, dtype=_torch_dtype(dtype), attn_implementation=attn_implementation, what="evaluate.backbone"
+        )
         self.model.to(self.device).eval()
         self.fmt = ChatFormat(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
@@ -1119,7 +1136,9 @@ def run_local(
     failures: dict[str, str] = {}
     if not specs:
         return failures
-    worker = worker or EvalWorker(backbone, p.dtype, p.device, worker_threads(p, in_process=True))
+    worker = worker or EvalWorker(
+        backbone, p.dtype, p.device, worker_threads(p, in_process=True), attn_implementation=p.attn_implementation
+    )
     for spec in specs:
         for attempt in range(p.max_retries + 1):
             try:

@@ -434,7 +434,13 @@ def run_train_distributed(
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     backbone = str(root / p.backbone) if (root / p.backbone).exists() else p.backbone
-    model, tok = load_backbone(backbone, dtype=getattr(torch, dtype))
+    model, tok = load_backbone(
+        backbone,
+        dtype=getattr(torch, dtype),
+        attn_implementation=p.attn_implementation,
+        root=root,
+        what="train.backbone",
+    )
     model.to(device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train_eps = load_episodes(p, root, tok, p.train_split, p.limit_train)

@@ -25,6 +25,12 @@ from pipeline.params import register_section
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _check_attn(value: str) -> str:
+    from deltamem.backbones import check_attn_implementation
+
+    return check_attn_implementation(value)
+
+
 class BackboneParams(BaseModel):
     """``backbone``: what to load and where to save it."""
 
@@ -34,6 +40,12 @@ class BackboneParams(BaseModel):
     dtype: str = "float32"
     out_dir: str = "models/backbone"
     trust_remote_code: bool = False
+    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (deltamem.backbones)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attn(cls, v: str) -> str:
+        return _check_attn(v)
 
     @field_validator("dtype")
     @classmethod
@@ -80,8 +92,15 @@ class TrainParams(BaseModel):
     write_length: int = Field(8192, ge=1)
     read_length: int = Field(512, ge=1)
     device: str = "auto"
+    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (deltamem.backbones)
     threads: int | None = Field(None, ge=1)
     resume: str = "auto"
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attn(cls, v: str) -> str:
+        return _check_attn(v)
+
     nproc: int = Field(
         1, ge=1
     )  # > 1: stages/train.py runs pipeline.train.distributed under torchrun (DeepSpeed ZeRO-2)
@@ -121,7 +140,14 @@ def prepare_backbone(p: BackboneParams, root: Path) -> Path:
 
     from deltamem.backbones import load_backbone
 
-    model, tok = load_backbone(p.name_or_path, dtype=_torch_dtype(p.dtype), trust_remote_code=p.trust_remote_code)
+    model, tok = load_backbone(
+        p.name_or_path,
+        dtype=_torch_dtype(p.dtype),
+        attn_implementation=p.attn_implementation,
+        root=root,
+        what="backbone.name_or_path",
+        trust_remote_code=p.trust_remote_code,
+    )
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF is de-quantised on load: plain weights now
         model.hf_quantizer = None
         model.config.quantization_config = None
@@ -175,7 +201,7 @@ def run_train(
     config = p.deltamem_config(variant)
     device = resolve_device(p.device)
     backbone = str(root / p.backbone) if (root / p.backbone).exists() else p.backbone
-    model, tok = load_backbone(backbone)
+    model, tok = load_backbone(backbone, attn_implementation=p.attn_implementation, root=root, what="train.backbone")
     model.to(device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train_eps = load_episodes(p, root, tok, p.train_split, p.limit_train)
