@@ -111,7 +111,10 @@ class RayParams(BaseModel):
             ``$RAY_ADDRESS``, else a local cluster on 127.0.0.1.
         num_cpus: CPUs of the local cluster (default: all cores).
         object_store_mb: object store of the local cluster (results are small).
-        actor_num_cpus / actor_num_gpus: resources reserved per worker actor.
+        actor_num_cpus / actor_num_gpus: resources reserved per worker actor (``workers`` is reduced,
+            with a warning, to the actors the cluster's nodes can hold; none fitting is an error).
+        actor_start_timeout_s: how long the stage waits, with no shard running, for a worker actor to
+            start (backbone loaded) before it stops with an error.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -121,6 +124,7 @@ class RayParams(BaseModel):
     object_store_mb: int = Field(default=200, ge=80)
     actor_num_cpus: float = Field(default=1.0, gt=0)
     actor_num_gpus: float = Field(default=0.0, ge=0)
+    actor_start_timeout_s: float = Field(default=900.0, gt=0)
 
 
 class EvalParams(BaseModel):
