@@ -142,7 +142,8 @@ class EvalParams(BaseModel):
         metrics_file: a second copy of the combined ``<out_dir>/metrics.json`` (relative to the params
             file) for ``dvc metrics``, outside the ``out_dir`` output.
         decoding: ``greedy`` (default) or ``paper`` (the tasks' paper settings; sampled examples run
-            one at a time with their seed).
+            one at a time with their seed; full-context ones continue from one prefill of their
+            conversation's shared prefix, like the greedy batches).
         max_new_tokens_cap: upper bound on any task's generation budget (report it).
         batch_size: questions per ``generate`` call.
         write_batch_size: histories written per ``write_memory`` call.
@@ -356,6 +357,8 @@ def tree_digest(path: Path) -> str:
     if path.is_file():
         return file_digest(path)
     if not path.is_dir():
+        if path.is_absolute():  # never hash a machine's absolute path (results must survive a move)
+            raise FileNotFoundError(f"{path}: not found")
         return f"name:{path}"  # a hub id or `embedded`: identified by its name
     h = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
@@ -411,7 +414,10 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
             raise EvalInputError(f"{path}: no examples")
         task_name = entry.task or examples[0].task
         get_task(task_name)
-        data_digest = tree_digest(path) + tree_digest(path.with_name(f"{entry.split}.contexts.jsonl"))
+        contexts = path.with_name(f"{entry.split}.contexts.jsonl")
+        # an absent contexts file must not enter the hash by its (absolute) path: moving the
+        # repository would then recompute every shard
+        data_digest = tree_digest(path) + (tree_digest(contexts) if contexts.exists() else "no-contexts")
         chosen = examples[: entry.limit] if entry.limit else examples
         groups = group_conversations(chosen)
         donors = donor_map(examples)
@@ -878,6 +884,24 @@ class EvalWorker:
             leftovers: list[int] = []
             for key, _ in groups:
                 members = [i for i, it in enumerate(items) if it["key"] == key]
+                sampled = [i for i in members if items[i]["decoding"].do_sample]
+                if sampled:  # one question per generate call (own seed), all from one prefill
+                    prompts = [items[i]["ids"] for i in sampled]
+                    plen = _common_prefix(prompts)
+                    if len(sampled) < 2 or plen < s["prefix_min_tokens"]:
+                        leftovers.extend(sampled)
+                    else:
+                        prefix = self.prefill_prefix(prompts[0][:plen], online)
+                        for batch in batches(sampled):
+                            out = self.generate(
+                                [items[i]["ids"] for i in batch],
+                                items[batch[0]]["decoding"],
+                                prefix=prefix,
+                                write=online,
+                            )
+                            results.update(zip(batch, out, strict=True))
+                        prefix_tokens_reused += plen * (len(sampled) - 1)
+                    members = [i for i in members if not items[i]["decoding"].do_sample]
                 for batch in batches(members):
                     prompts = [items[i]["ids"] for i in batch]
                     plen = _common_prefix(prompts)
