@@ -226,6 +226,8 @@ def run_ray(
                 _log(f"worker {slot} died while computing {spec.key} ({_first_line(err)}); replacing it")
             except Exception as err:  # RayTaskError wrapping the shard's exception
                 cause = getattr(err, "cause", None) or err
+                if isinstance(cause, EvalInputError):
+                    raise EvalInputError(str(cause)) from None  # bad input: the same on every attempt
                 error = f"{type(cause).__name__}: {cause}"
                 idle.append(slot)
             else:
