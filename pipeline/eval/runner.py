@@ -526,6 +526,24 @@ def check_adapter(path: Path, meta: Mapping[str, Any], backbone: Path | None) ->
         )
 
 
+def check_backbone_folder(folder: Path) -> None:
+    """A local backbone folder's ``config.json`` parses and every safetensors file's header is intact
+    (a truncated file fails here: its header no longer covers the file), before any worker loads it."""
+    from safetensors import safe_open
+
+    cfg = folder / "config.json"
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EvalInputError(f"backbone: {_describe_error(err, cfg)}") from None
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as err:  # SafetensorError, OSError
+            raise EvalInputError(f"backbone: {f}: unreadable safetensors file ({_describe_error(err)})") from None
+
+
 _SHAPE_FACTS = ("hidden_size", "num_hidden_layers", "q_out", "kv_out", "o_in")
 
 
@@ -555,6 +573,8 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
         raise EvalInputError(
             f"backbone not found: {root / p.backbone} (run the backbone stage, or set evaluate.backbone)"
         )
+    if Path(backbone).is_dir():
+        check_backbone_folder(Path(backbone))
     backbone_digest = tree_digest(Path(backbone))
     adapter_cache: dict[str, tuple[str, str, str]] = {}
 

@@ -259,3 +259,18 @@ def yaml_section(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())["evaluate"]
+
+
+@pytest.mark.parametrize("damage", ["empty_config", "truncated_weights"])
+def test_a_corrupt_backbone_folder_is_one_line_exit_2_naming_the_file(damage, eval_root, tmp_path, capsys, monkeypatch):
+    backbone = tmp_path / "backbone"
+    shutil.copytree(eval_root / "models" / "backbone", backbone)
+    if damage == "empty_config":
+        named = backbone / "config.json"
+        named.write_text("")
+    else:
+        named = next(backbone.glob("*.safetensors"))
+        named.write_bytes(named.read_bytes()[:4096])
+    code, err = run_stage(tmp_path, eval_root, capsys, monkeypatch, backbone=str(backbone))
+    line = one_line_error(err)
+    assert code == 2 and str(named) in line, line
