@@ -15,7 +15,7 @@ from .test_runner import predictions
 
 def test_moving_the_repository_reuses_every_shard(eval_root, worker, tmp_path):
     """Config hashes hold no absolute path: a moved (or copied) checkout with its results recomputes nothing.
-    (The synthetic and IFEval splits have no contexts file: its absent path used to be hashed.)"""
+    (The IFEval split has no contexts file: its absent path used to be hashed.)"""
     first = tmp_path / "first"
     shutil.copytree(eval_root, first)
     tasks = [{"dataset": "synthetic", "split": "test"}, {"dataset": "ifeval", "split": "test"}]

@@ -57,6 +57,7 @@ def test_local_ray_binds_every_listening_socket_to_loopback_and_leaves_no_proces
         assert worker_pid in {s[0] for s in sockets}
         exposed = [s for s in sockets if not is_loopback(s[2])]
         assert not exposed, f"Ray sockets not on loopback: {exposed}"
+        assert 8265 not in {s[3] for s in sockets}  # no dashboard unless asked
     time.sleep(0.2)
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"Ray processes outlived the shutdown: {alive}"
