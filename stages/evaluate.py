@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as err:
+        print(f"evaluate: error: {args.params}: not UTF-8 text (byte {err.start}: {err.reason})", file=sys.stderr)
+        return 2
     updates = {}
     if args.workers is not None:
         updates["workers"] = args.workers

@@ -274,3 +274,11 @@ def test_a_corrupt_backbone_folder_is_one_line_exit_2_naming_the_file(damage, ev
     code, err = run_stage(tmp_path, eval_root, capsys, monkeypatch, backbone=str(backbone))
     line = one_line_error(err)
     assert code == 2 and str(named) in line, line
+
+
+def test_a_params_file_that_is_not_utf8_is_one_line_exit_2(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(b'evaluate:\n  workers: 0\n  out_dir: "\xff\xfe"\n')
+    assert main(["--params", str(params), "--no-tracking"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert str(params) in line and "not UTF-8" in line
