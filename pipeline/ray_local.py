@@ -18,7 +18,11 @@ constant, restored afterwards) and in the environment the Ray processes inherit 
 they import Ray). Every listening socket of the cluster is then on 127.0.0.1 (gRPC servers show as the
 IPv4-mapped ``::ffff:127.0.0.1``). :meth:`LocalRay.shutdown` stops Ray and then waits for every process
 of that cluster (recorded while it runs: the driver's descendants), killing the ones that linger, so
-nothing of it outlives the caller.
+nothing of it outlives the caller. A driver that is killed (SIGKILL, OOM) cannot do that, and Ray's own
+fate-sharing then leaves the dashboard and runtime-env agents running for minutes (they try to report
+to the dead GCS before exiting); a small watchdog process started with the cluster waits on a pipe from
+the driver and, when the pipe closes without the clean-shutdown word, kills the processes of that
+cluster it has seen (by pid, each checked against its start time so a recycled pid is never hit).
 """
 
 from __future__ import annotations
@@ -63,6 +67,50 @@ def _descendants() -> list[Any]:
         return []
 
 
+# The watchdog (run as `python -c`): argv = driver-side snapshot of [pid, create_time] pairs; it adds the
+# descendants of those processes every second, and on EOF of stdin without b"clean" kills them all.
+_WATCHDOG = r"""
+import json, os, select, sys, time
+import psutil
+seen = {}
+def track(pid, ctime=None):
+    try:
+        p = psutil.Process(pid)
+        if ctime is None or abs(p.create_time() - ctime) < 0.01:
+            seen.setdefault(p.pid, p)
+    except psutil.Error:
+        pass
+for pid, ctime in json.loads(sys.argv[1]):
+    track(pid, ctime)
+buf = b""
+while True:
+    ready, _, _ = select.select([sys.stdin], [], [], 1.0)
+    if ready:
+        chunk = os.read(sys.stdin.fileno(), 64)
+        if not chunk:
+            break
+        buf += chunk
+        if b"clean" in buf:
+            sys.exit(0)
+    for p in list(seen.values()):
+        try:
+            for c in p.children(recursive=True):
+                seen.setdefault(c.pid, c)
+        except psutil.Error:
+            pass
+time.sleep(float(sys.argv[2]))
+alive = []
+for p in seen.values():
+    try:
+        if p.is_running():
+            p.kill()
+            alive.append(p)
+    except psutil.Error:
+        pass
+psutil.wait_procs(alive, timeout=5)
+"""
+
+
 @dataclass
 class LocalRay:
     """A running local cluster started by :func:`start_local_ray` (shut it down with :meth:`shutdown`)."""
@@ -70,6 +118,37 @@ class LocalRay:
     node_ip: str
     session_dir: str
     _procs: dict[int, Any] = field(default_factory=dict, repr=False)
+    _watchdog: Any = field(default=None, repr=False)
+
+    def _start_watchdog(self, grace_s: float = 2.0) -> None:
+        import json
+        import subprocess
+        import sys
+
+        snapshot = []
+        for proc in self.processes():
+            with contextlib.suppress(Exception):
+                snapshot.append([proc.pid, proc.create_time()])
+        # its own session: a Ctrl-C / group kill of the stage must not take the watchdog with it
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, json.dumps(snapshot), str(grace_s)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _stop_watchdog(self) -> None:
+        dog, self._watchdog = self._watchdog, None
+        if dog is None:
+            return
+        with contextlib.suppress(OSError):
+            dog.stdin.write(b"clean")
+            dog.stdin.close()
+        try:
+            dog.wait(timeout=10)
+        except Exception:
+            dog.kill()
 
     def processes(self) -> list[Any]:
         """The live processes of this cluster (psutil): gcs, raylet, agents, monitors, workers.
@@ -110,6 +189,7 @@ class LocalRay:
                 killed.append(proc.pid)
         psutil.wait_procs(alive, timeout=5)
         self._procs.clear()
+        self._stop_watchdog()
         return killed
 
 
@@ -169,7 +249,7 @@ def start_local_ray(
         ray.init(**kwargs)
     node = ray._private.worker.global_worker.node
     local = LocalRay(node_ip=node.node_ip_address, session_dir=node.get_session_dir_path())
-    local.processes()
+    local._start_watchdog()
     if not is_loopback(local.node_ip):
         local.shutdown()
         raise RuntimeError(f"the local Ray node came up on {local.node_ip}, not {LOOPBACK}")

@@ -4,6 +4,7 @@ never a hang when the actors do not fit."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -124,3 +125,50 @@ def test_stage_with_more_workers_than_cpus_finishes_on_loopback_and_leaves_no_ra
     alive = [f"{pid} {name}" for pid, name in seen.items() if psutil.pid_exists(pid)]
     alive = [a for a in alive if psutil.Process(int(a.split()[0])).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"processes of the stage's Ray outlived it: {alive}"
+
+
+_DRIVER = """
+import json, sys, time
+import ray
+from pipeline.ray_local import start_local_ray
+r = start_local_ray(num_cpus=1, object_store_mb=80)
+
+@ray.remote(num_cpus=1)
+class A:
+    def ping(self):
+        return 1
+
+a = A.remote()
+ray.get(a.ping.remote())
+time.sleep(1.5)  # the watchdog's next scan sees the actor's worker too
+print(json.dumps([[p.pid, p.create_time()] for p in r.processes()]), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
+    """SIGKILL of the driver: the watchdog kills that cluster's processes (before: the agents lingered
+    for minutes)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = driver.stdout.readline()
+        assert line, "the driver did not start its Ray"
+        procs = []
+        for pid, ctime in json.loads(line):
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if abs(p.create_time() - ctime) < 0.01:
+                    procs.append(p)
+        names = {p.name() for p in procs}
+        assert {"gcs_server", "raylet"} <= names and any("RuntimeEnvAgent" in n for n in names), names
+        driver.kill()
+        driver.wait(timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=30)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"Ray processes outlived the killed driver: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
