@@ -1317,7 +1317,11 @@ def run_local(
     failures: dict[str, str] = {}
     if not specs:
         return failures
-    worker = worker or EvalWorker(backbone, p.dtype, p.device, worker_threads(p, in_process=True))
+    if worker is None:
+        try:
+            worker = EvalWorker(backbone, p.dtype, p.device, worker_threads(p, in_process=True))
+        except OSError as err:  # missing / unreadable backbone files, offline hub: an input problem
+            raise EvalInputError(f"backbone {backbone}: {_describe_error(err)}") from None
     for spec in specs:
         for attempt in range(p.max_retries + 1):
             try:
