@@ -4,7 +4,9 @@ python stages/evaluate.py [--params params.yaml] [--workers N] [--no-tracking] [
 
 Writes ``results/eval/<variant>/<condition>/<task>/{predictions.jsonl,metrics.json,shards/}`` and the
 combined ``results/eval/metrics.json`` (see :mod:`pipeline.eval.runner`), then logs an MLflow run
-``evaluate`` with one nested run per unit. Exit status 2 for bad params or missing inputs, 1 when a
+``evaluate`` with one nested run per unit. Exit status 2 (one line, no traceback) for bad params, data
+or artefacts (unreadable, non-finite or mismatched adapters, a split that disagrees with its manifest,
+an output folder that cannot be written: all found while planning, before any shard runs); 1 when a
 shard fails after its retries (finished shards are kept: rerun to resume).
 """
 
@@ -21,6 +23,7 @@ except ImportError:  # a plain checkout: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deltamem.backbones import EMBEDDED_NAMES, BackboneLoadError, resolve_source
+from pipeline.data.errors import DataError
 from pipeline.eval.runner import EvalError, EvalInputError, EvalParams, run_evaluate
 from pipeline.params import ParamsError, load_section
 
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, BackboneLoadError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as err:
+        print(f"evaluate: error: {args.params}: not UTF-8 text (byte {err.start}: {err.reason})", file=sys.stderr)
+        return 2
     updates = {}
     if args.workers is not None:
         updates["workers"] = args.workers
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         p = p.model_copy(update=updates)
     try:
         summary = run_evaluate(p, Path(args.params).resolve().parent, log_mlflow=not args.no_tracking)
-    except (EvalInputError, BackboneLoadError) as err:
+    except (EvalInputError, DataError, BackboneLoadError) as err:  # bad params, data or artefacts: one line
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
     except EvalError as err:
