@@ -255,15 +255,22 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     Returns (rank, world size, this rank's device): ``cuda:LOCAL_RANK`` with nccl when CUDA is available and
     ``device`` is not ``cpu``, else the CPU with gloo.
     """
-    import deepspeed
-
     if "RANK" not in os.environ:  # a plain `python -m pipeline.train.distributed`: one rank
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    return join_deepspeed(torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def join_deepspeed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Initialise DeepSpeed's communication for this rank (over the torch process group when one exists:
+    Ray Train makes it; else from the torchrun environment): nccl on CUDA, gloo on CPU."""
+    import deepspeed
+
+    use_cuda = device.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device)
     elif os.environ.get("DELTAMEM_DS_SHM_COMM") != "1":
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op (C++, ~1.5 min on 2 cores, needs g++)
         # that only its tensor-parallel *inference* all-reduce uses; training runs on gloo without it.
@@ -271,7 +278,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
     rank, world = _rank_world()
-    return rank, world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return rank, world, device
 
 
 def main(argv: list[str] | None = None) -> int:
