@@ -257,7 +257,10 @@ def _drain(queue: Any, log_step: Any, stop: threading.Event) -> None:
             row = queue.get(timeout=0.5)
         except Empty:
             continue
-        log_step(row)
+        try:
+            log_step(row)
+        except Exception as err:  # tracking trouble must not stop training; say so
+            _log(f"MLflow: step {row.get('step')} not logged: {type(err).__name__}: {err}")
 
 
 def _copy_back(src: Path, root: Path, variant: str) -> dict[str, Any]:
@@ -302,7 +305,11 @@ def run_ray(
         with StageRun(p, variant, backbone, scale["num_workers"], log_mlflow) as stage:
             queue = Queue(actor_options={"num_cpus": 0}) if log_mlflow else None
             stop = threading.Event()
-            drain = threading.Thread(target=_drain, args=(queue, stage.log_step, stop), daemon=True) if queue else None
+            drain = (
+                threading.Thread(target=_drain, args=(queue, stage.log_step, stop), daemon=True)
+                if queue is not None
+                else None
+            )
             if drain is not None:
                 drain.start()
             config = {

@@ -400,10 +400,19 @@ class StageRun:
         return bool(self._ctx.__exit__(*exc)) if self._ctx is not None else False
 
     def log_step(self, row: dict[str, float]) -> None:
-        if self.enabled:
-            from pipeline import tracking
+        """One step's metrics; by run id, so that a thread (the Ray launcher's queue reader) may call it."""
+        if not self.enabled:
+            return
+        import math
 
-            tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        from pipeline import tracking
+
+        now, step = int(time.time() * 1000), int(row["step"])
+        items = [Metric(k, float(v), now, step) for k, v in row.items() if k != "step" and math.isfinite(float(v))]
+        MlflowClient(tracking.tracking_uri()).log_batch(self.run.info.run_id, metrics=items)
 
     def finish(self, metrics: dict[str, Any], adapter_dir: Path) -> None:
         if self.enabled:
