@@ -16,12 +16,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.params import register_section
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class InputError(ValueError):
@@ -34,16 +33,9 @@ class BackboneParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name_or_path: str = "embedded"
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     out_dir: str = "models/backbone"
     trust_remote_code: bool = False
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"dtype {v!r}; allowed: {', '.join(DTYPES)}")
-        return v
 
 
 register_section("backbone", BackboneParams)
