@@ -159,7 +159,7 @@ def backbone_name(p: TrainParams, root: Path) -> str:
 
 def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
     """The train section of ``params_file`` after the checks that need no model: the variant, the prepared
-    splits and the backbone path. Every problem is an :class:`InputError` (one line, exit 2)."""
+    splits (present and readable) and the backbone path. Every problem is an :class:`InputError` (one line, exit 2)."""
     from pipeline.params import ParamsError, load_section
 
     try:
@@ -169,10 +169,17 @@ def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
         raise InputError(str(err)) from None
     root = Path(params_file).resolve().parent
     splits = [p.train_split] + ([p.validation_split] if p.limit_validation else [])
+    from pipeline.data.errors import DataError
+    from pipeline.data.schema import read_split
+
     for split in splits:
         path = split_path(p, root, split)
         if not path.is_file():
             raise InputError(f"{path}: prepared split not found (run the prepare stage; train.dataset/{split})")
+        try:  # here, not on every rank / Ray worker, where it would be a traceback per process
+            read_split(path)
+        except DataError as err:
+            raise InputError(str(err)) from None
     backbone_name(p, root)
     return p
 

@@ -76,6 +76,10 @@ def test_train_stage_missing_split_and_backbone_are_one_line_exit_2(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "train.jsonl: prepared split not found" in r.stderr
     split = tmp_path / "data" / "prepared" / "synthetic" / "train.jsonl"
     split.parent.mkdir(parents=True)
+    split.write_text('{"id": "a", "broken\n')
+    r = _stage("train.py", "--params", "params.yaml", "--variant", "TSW", "--no-tracking", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and str(split) in r.stderr
     split.write_text("")
     r = _stage("train.py", "--params", "params.yaml", "--variant", "TSW", "--no-tracking", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
