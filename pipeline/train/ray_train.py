@@ -57,43 +57,28 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- the local Ray --------------------------------------------------------------------------------------
-def _start_local_ray(num_cpus: int) -> None:
-    """A Ray for this stage alone, on loopback: node IP 127.0.0.1, no dashboard."""
-    import ray
+def _start_local_ray(num_cpus: int) -> Any:
+    """A Ray for this stage alone, every server on 127.0.0.1, no dashboard (:mod:`pipeline.ray_local`);
+    its workers import this checkout (not whichever one an editable install points at)."""
+    from pipeline.ray_local import start_local_ray
 
-    try:  # the project's loopback-only local Ray, where it exists
-        from pipeline.ray_local import start_local_ray  # type: ignore[import-not-found]
-    except ImportError:
-        ray.init(
-            num_cpus=num_cpus,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            logging_level="warning",
-            runtime_env=_runtime_env(),
-        )
-        return
-    start_local_ray(num_cpus=num_cpus, runtime_env=_runtime_env())
-
-
-def _runtime_env() -> dict[str, Any]:
-    """Workers import this checkout (not whichever one an editable install points at)."""
     path = os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if x)
-    return {"env_vars": {"PYTHONPATH": path}}
+    return start_local_ray(num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
-def connect(p: TrainParams, workers: int) -> bool:
-    """Connect to the configured cluster or start a local one; returns whether this call started it."""
+def connect(p: TrainParams, workers: int) -> Any:
+    """Connect to the configured cluster, or start a local one: returns the :class:`LocalRay` this call
+    started (to be shut down by the caller), else None."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     address = p.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="warning")
-        return False
+        return None
     per_worker = p.ray.resources_per_worker.get("CPU", 1)
-    _start_local_ray(max(os.cpu_count() or 1, int(workers * per_worker)))
-    return True
+    return _start_local_ray(max(os.cpu_count() or 1, int(workers * per_worker)))
 
 
 def scaling(p: TrainParams) -> tuple[TrainParams, dict[str, Any]]:
@@ -289,7 +274,6 @@ def run_ray(
     ds_config: Any = None,
 ) -> dict[str, Any] | None:
     """The train stage under Ray Train; returns the metrics (None after ``stop_after``, a test's kill)."""
-    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -297,7 +281,7 @@ def run_ray(
     root = root.resolve()
     payload = _payload(p, root)
     backbone = backbone_name(p, root)
-    started = connect(p, p.nproc if p.nproc != "auto" else 1)
+    local = connect(p, p.nproc if p.nproc != "auto" else 1)
     try:
         p, scale = scaling(p)
         name, storage = run_name(p, variant, payload), storage_uri(p, root)
@@ -349,5 +333,5 @@ def run_ray(
         _delete_run(storage, name)  # only needed to resume a killed run
         return metrics
     finally:
-        if started:
-            ray.shutdown()
+        if local is not None:
+            local.shutdown()

@@ -1,4 +1,5 @@
-"""``train.launcher: ray``: 2 CPU Ray Train workers (gloo, DeepSpeed ZeRO-2) on a real local Ray (127.0.0.1).
+"""``train.launcher: ray``: 2 CPU Ray Train workers (gloo, DeepSpeed ZeRO-2) on a real local Ray whose every
+listening socket is on 127.0.0.1 (:mod:`pipeline.ray_local`).
 
 One run is "killed" after step 3 (checkpoint at step 2 in Ray Train's storage, one ZeRO shard per worker);
 the next execution resumes from it, logs the per-step metrics of rank 0 into a real MLflow store, brings the
@@ -28,14 +29,12 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
-
     from pipeline.train.ray_train import _start_local_ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+    local = _start_local_ray(num_cpus=2)
+    yield local
+    local.shutdown()
 
 
 def test_two_ray_workers_resume_and_match_the_single_process_run(local_ray, smol_tokenizer, tmp_path, monkeypatch):
@@ -46,6 +45,7 @@ def test_two_ray_workers_resume_and_match_the_single_process_run(local_ray, smol
     from deltamem.backbones import load_backbone
     from pipeline import tracking
     from pipeline.params import load_section
+    from pipeline.ray_local import is_loopback, listening_sockets
     from pipeline.train.ray_train import run_ray
     from pipeline.train.run import TrainParams, load_episodes
     from pipeline.train.trainer import TrainConfig, train
@@ -59,6 +59,8 @@ def test_two_ray_workers_resume_and_match_the_single_process_run(local_ray, smol
     p = p.model_copy(update={"launcher": "ray", "nproc": 2, "storage_path": str(tmp_path / "storage")})
 
     assert run_ray(p, "TSW", root, log_mlflow=False, stop_after=3) is None  # the "kill"
+    sockets = listening_sockets(local_ray.processes())  # with the Train controller and workers started
+    assert sockets and all(is_loopback(ip) for _, _, ip, _ in sockets), sockets
     (run_dir,) = (tmp_path / "storage").iterdir()
     assert sorted(c.name for c in run_dir.iterdir() if c.is_dir()) == ["step-000002"]  # step 3 died with it
     shards = sorted(f.name for f in (run_dir / "step-000002" / "deepspeed" / "state").glob("zero_pp_rank_*"))
