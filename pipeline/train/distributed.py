@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.train.trainer import Backend, TrainConfig, answer_loss, episode_logits
+from pipeline.train.trainer import Backend, CheckpointError, TrainConfig, answer_loss, episode_logits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DS_CONFIG = REPO_ROOT / "cluster" / "deepspeed" / "zero2.json"
@@ -196,10 +196,18 @@ class DeepSpeedBackend(Backend):
 
         dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def setup(self, model: Any, params: list[nn.Parameter], cfg: TrainConfig) -> None:
         import deepspeed
 
         super().setup(model, params, cfg)  # the AdamW and LambdaLR that DeepSpeed wraps
+        self.device = next(model.parameters()).device  # nccl all-reduces CUDA tensors only
         self.ds = deepspeed_config(self.ds_template, cfg, self.world)
         self.objective = EpisodeObjective(model, cfg)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -325,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             stop_after=args.stop_after,
         )
+    except CheckpointError as err:  # e.g. a full disk: one line per rank, no traceback
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 

@@ -326,6 +326,10 @@ class Backend:
     def barrier(self) -> None:
         pass
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (a collective: every rank must call it)."""
+        return flag
+
     def setup(self, model: Any, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
         self.model, self.params, self.cfg = model, params, cfg
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -392,10 +396,11 @@ def save_checkpoint(
             torch.save({**trainer_state, **state}, tmp / "trainer_state.pt")
     except (OSError, RuntimeError) as err:  # torch.save reports ENOSPC as a RuntimeError
         failed = err
-    backend.barrier()
-    if failed is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{tmp}: checkpoint write failed: {_write_failure_reason(failed, ckpt_dir)}") from None
+    if backend.any_rank(failed is not None):  # every rank stops, none waits at a barrier for the others
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = _write_failure_reason(failed, ckpt_dir) if failed is not None else "another rank's write failed"
+        raise CheckpointError(f"{tmp}: checkpoint write failed: {reason}") from None
     if owner:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
