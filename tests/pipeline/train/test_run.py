@@ -204,3 +204,18 @@ def test_a_killed_stages_run_is_closed_killed_by_the_next_execution(tmp_path, mo
     assert client.get_run(runs["killed"]).info.status == "KILLED"
     assert client.get_run(runs["alive"]).info.status == "RUNNING"
     assert client.get_run(runs["other-host"]).info.status == "RUNNING"
+
+
+def test_backbone_stage_writes_an_ordinary_folder(smol_tokenizer, tmp_path):
+    from pipeline.backbone import BackboneParams, prepare_backbone
+
+    src = tmp_path / "src"
+    tiny_model("llama", attn=None, vocab=len(smol_tokenizer)).save_pretrained(src)
+    smol_tokenizer.save_pretrained(src)
+    out = prepare_backbone(BackboneParams(name_or_path=str(src), out_dir="models/backbone"), tmp_path)
+    assert out == tmp_path / "models" / "backbone" and (out / "config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in out.iterdir())
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary sibling left
