@@ -219,3 +219,35 @@ def test_backbone_stage_writes_an_ordinary_folder(smol_tokenizer, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in out.iterdir())
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary sibling left
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (a real full disk); skipped where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_real_full_disk_during_a_checkpoint(episodes, smol_tokenizer, tmp_path, small_tmpfs):
+    import shutil
+
+    pad = smol_tokenizer.eos_token_id
+    new = lambda: tiny_model("llama", attn=None, vocab=len(smol_tokenizer), max_positions=256)  # noqa: E731
+    cfg = small(checkpoint_every=1, keep_checkpoints=1)
+    train(new(), episodes, pad, DeltaMemConfig(), cfg, tmp_path / "probe", stop_after=1, progress=False)
+    files = [f for f in (tmp_path / "probe" / "checkpoints").rglob("*") if f.is_file()]
+    size = sum(-(-f.stat().st_size // 4096) * 4096 for f in files)  # tmpfs allocates whole pages
+    # leave room for one checkpoint and a half: the second one (written before the first is removed) fails
+    free = shutil.disk_usage(small_tmpfs).free
+    (small_tmpfs / "filler").write_bytes(b"\0" * max(0, free - int(1.5 * size)))
+    with pytest.raises(CheckpointError, match="no space left on device") as info:
+        train(new(), episodes, pad, DeltaMemConfig(), cfg, small_tmpfs / "run", progress=False)
+    assert ".tmp-step-000002" in str(info.value)
+    assert sorted(p.name for p in (small_tmpfs / "run" / "checkpoints").iterdir()) == ["step-000001"]
