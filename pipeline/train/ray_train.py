@@ -265,6 +265,16 @@ def _copy_back(src: Path, root: Path, variant: str) -> dict[str, Any]:
     return json.loads((src / "metrics.json").read_text())
 
 
+def worker_error(err: Exception) -> Exception:
+    """A worker's :class:`CheckpointError` (e.g. a full disk) as itself, one line; anything else unchanged."""
+    from pipeline.train.trainer import CheckpointError
+
+    for line in str(err).splitlines():
+        if "CheckpointError: " in line:
+            return CheckpointError(line.split("CheckpointError: ", 1)[1].strip())
+    return err
+
+
 def run_ray(
     p: TrainParams,
     variant: str,
@@ -316,6 +326,8 @@ def run_ray(
             )
             try:
                 result = trainer.fit()
+            except Exception as err:
+                raise worker_error(err) from None
             finally:
                 stop.set()
                 if drain is not None:

@@ -251,3 +251,28 @@ def test_a_real_full_disk_during_a_checkpoint(episodes, smol_tokenizer, tmp_path
         train(new(), episodes, pad, DeltaMemConfig(), cfg, small_tmpfs / "run", progress=False)
     assert ".tmp-step-000002" in str(info.value)
     assert sorted(p.name for p in (small_tmpfs / "run" / "checkpoints").iterdir()) == ["step-000001"]
+
+
+# --- the Ray launcher's planning (no cluster: its resources are given) -------------------------------------
+def test_ray_workers_are_fitted_to_the_cluster_or_refused(monkeypatch):
+    import ray
+
+    from pipeline.train.ray_train import scaling, worker_error
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 8.0})
+    p, scale = scaling(params(launcher="ray", nproc="auto"))
+    assert scale == {"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 1.0, "GPU": 1.0}}
+    assert p.optim.grad_accum == 4  # global batch 32 kept
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    p, scale = scaling(params(launcher="ray", nproc="auto"))
+    assert (scale["num_workers"], scale["use_gpu"], p.optim.grad_accum) == (1, False, 32)
+    with pytest.raises(InputError, match=r"train\.nproc=3 Ray Train workers × 1 CPU each, but the cluster has 2 CPU"):
+        scaling(params(launcher="ray", nproc=3))
+    with pytest.raises(InputError, match="GPU"):
+        scaling(params(launcher="ray", nproc=1, ray={"use_gpu": True}))
+    err = RuntimeError(
+        "Training failed:\n[Rank 0]\npipeline.train.trainer.CheckpointError: /s/.tmp-step-000002: no space"
+    )
+    assert isinstance(worker_error(err), CheckpointError) and str(worker_error(err)) == "/s/.tmp-step-000002: no space"
+    other = ValueError("x")
+    assert worker_error(other) is other
