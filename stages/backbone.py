@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from deltamem.backbones import BackboneLoadError
+from pipeline.backbone import BackboneParams, InputError, prepare_backbone
 from pipeline.params import ParamsError, load_section
-from pipeline.train.run import BackboneParams, prepare_backbone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         p = load_section(args.params, "backbone", BackboneParams)
         out = prepare_backbone(p, Path(args.params).resolve().parent)
-    except (ParamsError, BackboneLoadError) as err:
+    except (ParamsError, InputError, BackboneLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"backbone saved to {out}")
