@@ -157,15 +157,27 @@ def load_params(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:  # a directory, no permission, a symlink loop: the OS's reason, not a traceback
+        raise ParamsError(f"{path}: cannot read the params file: {err.strerror or err}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: invalid YAML: {err}") from None
+        raise ParamsError(f"{path}: invalid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: the problem and where (PyYAML's own text quotes the offending line, which may be huge)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def _describe(err: ValidationError) -> str:

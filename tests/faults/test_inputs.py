@@ -1,0 +1,233 @@
+"""Fault injection on every stage's inputs, probed as a new user would: each corrupt input is one line on
+stderr naming the file (and key), exit status 2, no traceback, and no work started.
+
+Complements tests/pipeline/eval_runner/test_faults.py (corrupt adapters, splits, backbone weights, full
+disk, killed evaluation) with the other corruptions: the params file itself (empty, a directory, a symlink
+loop, not UTF-8, a huge line, no permission), a wrong type in every key of every section, the manifest, a
+directory or a missing file where a file is expected, and a symlink loop in an artefact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pipeline.eval.runner as runner
+import stages.backbone
+import stages.evaluate
+import stages.prepare
+import stages.report
+import stages.train
+from tests.pipeline.eval_runner.test_stage import write_params
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())
+STAGES = {
+    "prepare": (stages.prepare, "prepare"),
+    "backbone": (stages.backbone, "prepare_backbone"),
+    "train": (stages.train, "run_train"),
+    "evaluate": (stages.evaluate, "run_evaluate"),
+    "report": (stages.report, "run_report"),
+}
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the stage started its work although its input is bad")
+
+
+class _NoWorker:
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("an evaluation worker was started although the inputs are bad")
+
+
+def run_stage(stage: str, params: Path, capsys, monkeypatch, *, guard: bool = True) -> tuple[int, str]:
+    """Stage ``stage``'s ``main`` in-process with its work function replaced by a tripwire; (exit, error line)."""
+    module, work = STAGES[stage]
+    if guard:
+        monkeypatch.setattr(module, work, _no_work)
+    monkeypatch.setattr(runner, "EvalWorker", _NoWorker)
+    argv = ["--params", str(params)] + ([] if stage == "backbone" else ["--no-tracking"])
+    argv += ["--variant", "TSW"] if stage == "train" else []
+    capsys.readouterr()
+    code = module.main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"{stage}: expected one error line, got:\n{err}"
+    return code, lines[0]
+
+
+# --- the params file itself ------------------------------------------------------------------------------
+PARAMS_DAMAGE = ["empty", "directory", "symlink_loop", "not_utf8", "huge_line", "bad_yaml", "a_list", "no_permission"]
+
+
+def damage_params(path: Path, damage: str) -> str:
+    """Write a damaged params file at ``path``; returns a fragment the error must contain."""
+    if damage == "empty":
+        path.write_text("")
+        return "section"
+    if damage == "directory":
+        path.mkdir()
+        return "Is a directory"
+    if damage == "symlink_loop":
+        path.symlink_to(path)
+        return "symbolic links"
+    if damage == "not_utf8":
+        path.write_bytes(yaml.safe_dump(SHIPPED).encode() + b"# \xff\xfe\n")
+        return "not UTF-8"
+    if damage == "huge_line":
+        path.write_text(yaml.safe_dump(SHIPPED) + "junk: " + "x" * 5_000_000 + "\n  bad: [indent\n")
+        return "invalid YAML"
+    if damage == "bad_yaml":
+        path.write_text("prepare:\n  datasets: [\n")
+        return "invalid YAML"
+    if damage == "a_list":
+        path.write_text("- prepare\n- train\n")
+        return "mapping"
+    if os.geteuid() == 0:
+        pytest.skip("root reads a file of mode 000")
+    path.write_text(yaml.safe_dump(SHIPPED))
+    path.chmod(0)
+    return "Permission denied"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("damage", PARAMS_DAMAGE)
+def test_a_damaged_params_file_is_one_line_exit_2_in_every_stage(stage, damage, tmp_path, capsys, monkeypatch):
+    params = tmp_path / "params.yaml"
+    expected = damage_params(params, damage)
+    code, line = run_stage(stage, params, capsys, monkeypatch)
+    assert code == 2 and str(params) in line and expected in line, line
+
+
+def _wrong(value):
+    """A value of another type than ``value`` that no field of ours takes in its place."""
+    if isinstance(value, dict):
+        return [["not", "a", "mapping"]]
+    if isinstance(value, list):
+        return {"not": {"a": "list"}}
+    return {"not": [value, "a scalar"]}
+
+
+SECTION_KEYS = [(s, k) for s in STAGES for k in SHIPPED[s]]
+
+
+@pytest.mark.parametrize(("section", "key"), SECTION_KEYS, ids=[f"{s}.{k}" for s, k in SECTION_KEYS])
+def test_a_wrong_type_in_any_key_of_any_section_is_one_line_exit_2_naming_it(
+    section, key, tmp_path, capsys, monkeypatch
+):
+    data = json.loads(json.dumps(SHIPPED))
+    data[section][key] = _wrong(data[section][key])
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(data))
+    code, line = run_stage(section, params, capsys, monkeypatch)
+    assert code == 2 and str(params) in line and key in line, line
+
+
+# --- artefacts where a file is expected: a directory, nothing, a symlink loop ----------------------------
+def _evaluate(tmp_path, eval_root, capsys, monkeypatch, **overrides) -> tuple[int, str]:
+    params = tmp_path / "params.yaml"
+    write_params(params, eval_root, tmp_path / "out", **overrides)
+    code, line = run_stage("evaluate", params, capsys, monkeypatch, guard=False)
+    assert not list((tmp_path / "out").rglob("shard-*")), "a shard ran before the inputs were checked"
+    return code, line
+
+
+# pipeline/eval/runner.py check_manifest_count (h-house's area, reported, not edited here) skips a manifest
+# that is not a file, not an object, or has a non-integer count, and evaluation starts anyway
+_MANIFEST_XFAIL = pytest.mark.xfail(strict=True, reason="a manifest that is not a usable object is silently ignored")
+
+
+def _loop(path: Path) -> None:
+    path.unlink() if path.is_file() else shutil.rmtree(path)
+    path.symlink_to(path)
+
+
+@pytest.mark.parametrize(
+    ("artefact", "damage"),
+    [
+        ("adapter_weights", "directory"),
+        ("adapter_weights", "missing"),
+        ("adapter_weights", "symlink_loop"),
+        ("adapter_config", "directory"),
+        pytest.param(
+            "adapter_config",
+            "a_list",
+            marks=pytest.mark.xfail(
+                strict=True, reason="deltamem/adapter.py read_adapter_config: AttributeError on a non-object config"
+            ),
+        ),
+        ("adapter_folder", "a_file"),
+        ("backbone_config", "directory"),
+        ("backbone_config", "missing"),
+        ("backbone_folder", "a_file"),
+        ("backbone_folder", "symlink_loop"),
+        ("split", "directory"),
+        ("split", "empty"),
+        ("split", "symlink_loop"),
+        ("split", "huge_line"),
+        ("manifest", "empty"),
+        ("manifest", "bad_json"),
+        pytest.param("manifest", "directory", marks=_MANIFEST_XFAIL),
+        pytest.param("manifest", "a_list", marks=_MANIFEST_XFAIL),
+        pytest.param("manifest", "wrong_count_type", marks=_MANIFEST_XFAIL),
+        ("out_dir", "a_file"),
+    ],
+)
+def test_a_damaged_evaluation_artefact_is_one_line_exit_2_naming_it_before_any_shard(
+    artefact, damage, eval_root, tmp_path, capsys, monkeypatch
+):
+    adapter, backbone, data = tmp_path / "adapter", tmp_path / "backbone", tmp_path / "prepared"
+    shutil.copytree(eval_root / "models" / "TSW" / "adapter", adapter)
+    shutil.copytree(eval_root / "models" / "backbone", backbone)
+    shutil.copytree(eval_root / "data" / "prepared", data)
+    split, manifest = data / "synthetic" / "test.jsonl", data / "manifest.json"
+    records = len(split.read_text().splitlines())
+    manifest.write_text(json.dumps({"datasets": {"synthetic": {"splits": {"test": {"examples": records}}}}}))
+    target = {
+        "adapter_weights": adapter / "adapter.safetensors",
+        "adapter_config": adapter / "config.json",
+        "adapter_folder": adapter,
+        "backbone_config": backbone / "config.json",
+        "backbone_folder": backbone,
+        "split": split,
+        "manifest": manifest,
+        "out_dir": tmp_path / "out",
+    }[artefact]
+    if damage == "directory":
+        target.unlink()
+        target.mkdir()
+    elif damage == "missing":
+        target.unlink()
+    elif damage == "symlink_loop":
+        _loop(target)
+    elif damage == "a_file":
+        shutil.rmtree(target, ignore_errors=True)
+        target.write_text("not a folder\n")
+    elif damage == "a_list":
+        target.write_text("[1, 2]\n")
+    elif damage == "empty":
+        target.write_text("")
+    elif damage == "bad_json":
+        target.write_text('{"datasets": {"synthetic": ,}}')
+    elif damage == "wrong_count_type":
+        target.write_text(json.dumps({"datasets": {"synthetic": {"splits": {"test": {"examples": "many"}}}}}))
+    elif damage == "huge_line":
+        target.write_text(split.read_text() + '{"example_id": "' + "x" * 5_000_000 + "\n")
+    code, line = _evaluate(
+        tmp_path,
+        eval_root,
+        capsys,
+        monkeypatch,
+        backbone=str(backbone),
+        data_dir=str(data),
+        adapters={"TSW": str(adapter)},
+    )
+    if (artefact, damage) == ("adapter_config", "directory"):
+        target = adapter  # "<folder>: not a δ-mem adapter (expected config.json + adapter.safetensors ...)"
+    assert code == 2 and str(target) in line, line
