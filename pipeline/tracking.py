@@ -14,7 +14,12 @@
   state ``.deltamem/pipeline_run.json`` (``DELTAMEM_PIPELINE_STATE`` overrides), so the separate stage
   processes find it. A parent left open by an execution that stopped early is closed by the next one.
 * Every run is tagged with the git commit (``mlflow.source.git.commit``), ``git.dirty``, the DVC
-  experiment name when there is one, and the tags the stage passes (stage, backbone, variant, seed).
+  experiment name when there is one, the tags the stage passes (stage, backbone, variant, seed) and the
+  process that runs it (``deltamem.host``, ``deltamem.pid``, ``deltamem.pid_start``).
+* Stale runs: a stage killed while its run is open leaves it RUNNING. The next top-level run started on the
+  same host (any stage) closes, as KILLED, every RUNNING run of the experiment whose recorded process is
+  gone (:func:`close_stale_runs`); runs of other hosts and of live processes (parallel ``dvc exp`` queues)
+  are left alone.
 
 ``mlflow`` is imported only when a run starts, so importing this module is cheap.
 """
@@ -25,7 +30,9 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -153,9 +160,9 @@ def _locked_state() -> Iterator[Path]:
 
 def _read_state(path: Path) -> dict[str, Any]:
     try:
-        state = json.loads(path.read_text())
+        state = json.loads(path.read_text(encoding="utf-8"))
         return state if isinstance(state, dict) else {}
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON: start afresh
         return {}
 
 
@@ -267,7 +274,8 @@ def start_run(
 ) -> Iterator[Any]:
     """Open an MLflow run (``mlflow.ActiveRun``) and close it on exit (status FAILED on an exception).
 
-    With ``nested=True`` and a run already active, the new run is its child (same experiment). A
+    With ``nested=True`` and a run already active, the new run is its child (same experiment). Before a
+    top-level run starts, the stale runs of killed processes are closed (:func:`close_stale_runs`). A
     top-level run inside a pipeline execution becomes a child of the execution's parent run
     (:func:`pipeline_parent_run`); a failing stage marks that parent FAILED.
     """
@@ -280,8 +288,9 @@ def start_run(
         name = experiment_name(experiment)
         _ensure_experiment(uri, name)
         mlflow.set_experiment(name)
+        close_stale_runs(experiment)
         parent = pipeline_parent_run(experiment)
-    str_tags = run_tags(tags)
+    str_tags = {**process_tags(), **run_tags(tags)}
     if parent:
         str_tags["mlflow.parentRunId"] = parent
     try:
@@ -291,6 +300,61 @@ def start_run(
         if parent:
             finish_pipeline_run("FAILED")
         raise
+
+
+def process_tags() -> dict[str, str]:
+    """Who runs this: host, pid and the pid's start time (so that a reused pid is not taken for it)."""
+    try:
+        import psutil
+
+        start = f"{psutil.Process().create_time():.3f}"
+    except (ImportError, OSError):  # psutil comes with ray/mlflow; without it runs are never taken for stale
+        return {}
+    return {"deltamem.host": socket.gethostname(), "deltamem.pid": str(os.getpid()), "deltamem.pid_start": start}
+
+
+def process_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process recorded by :func:`process_tags` still runs (unknown counts as alive)."""
+    try:
+        import psutil
+    except ImportError:
+        return True
+    try:
+        proc = psutil.Process(int(tags["deltamem.pid"]))
+        return f"{proc.create_time():.3f}" == tags.get("deltamem.pid_start")
+    except (KeyError, ValueError):
+        return True  # not one of ours: never closed
+    except (psutil.Error, OSError):
+        return False
+
+
+def close_stale_runs(experiment: str | None = None, **match: str) -> list[str]:
+    """Close as KILLED the RUNNING runs of this host whose process is gone; returns their ids.
+
+    ``match`` narrows it to runs with those tags (e.g. ``stage="train", variant="TSW"``). Runs without
+    process tags (pipeline parents, runs logged by hand), of other hosts or of live processes stay open.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(experiment_name(experiment))
+    if exp is None:
+        return []
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.`deltamem.host` = '{host}'"
+    for key, value in match.items():
+        query += f" and tags.`{key}` = '{value}'"
+    closed = []
+    for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=5000):
+        tags = run.data.tags
+        if "deltamem.pid" not in tags or process_alive(tags):
+            continue
+        what = run.info.run_name or run.info.run_id
+        client.set_tag(run.info.run_id, "deltamem.closed_by", "a later execution on this host (process gone)")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+        print(f"MLflow: closed the stale run {run.info.run_id} ({what}) of a killed process as KILLED", file=sys.stderr)
+    return closed
 
 
 _METRIC_UNSAFE = str.maketrans({c: "_" for c in "!\"#$%&'()*+,;<=>?@[\\]^`{|}~"})

@@ -14,7 +14,6 @@ with its :class:`~pipeline.train.trainer.Backend`. The backbone stage's code is 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 import warnings
@@ -328,53 +327,19 @@ def train_variant(
 
 # --- MLflow ----------------------------------------------------------------------------------------------
 def _process_tags() -> dict[str, str]:
-    """Who runs this stage: host, pid and the pid's start time (so a reused pid is not taken for it)."""
-    import psutil
+    """Who runs this stage (see :func:`pipeline.tracking.process_tags`)."""
+    from pipeline import tracking
 
-    me = psutil.Process()
-    return {
-        "deltamem.host": socket.gethostname(),
-        "deltamem.pid": str(me.pid),
-        "deltamem.pid_start": f"{me.create_time():.3f}",
-    }
-
-
-def _alive(tags: dict[str, str]) -> bool:
-    import psutil
-
-    try:
-        proc = psutil.Process(int(tags["deltamem.pid"]))
-        return f"{proc.create_time():.3f}" == tags.get("deltamem.pid_start")
-    except (psutil.Error, KeyError, ValueError):
-        return False
+    return tracking.process_tags()
 
 
 def close_stale_runs(variant: str, experiment: str | None = None) -> list[str]:
     """Close the RUNNING ``train-<variant>`` runs of this host whose process is gone (a killed stage) as
-    KILLED; returns their ids. Runs of other hosts, or of live processes (parallel ``dvc exp`` queues), stay."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
+    KILLED; returns their ids (:func:`pipeline.tracking.close_stale_runs`, which every stage's run start
+    calls for all stages)."""
     from pipeline import tracking
 
-    uri = tracking.tracking_uri()
-    client = MlflowClient(uri)
-    mlflow.set_tracking_uri(uri)
-    exp = client.get_experiment_by_name(tracking.experiment_name(experiment))
-    if exp is None:
-        return []
-    host = socket.gethostname()
-    query = f"tags.stage = 'train' and tags.variant = '{variant}' and attributes.status = 'RUNNING'"
-    closed = []
-    for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=1000):
-        tags = run.data.tags
-        if tags.get("deltamem.host") != host or _alive(tags):
-            continue
-        client.set_tag(run.info.run_id, "deltamem.closed_by", "next execution of the train stage (process gone)")
-        client.set_terminated(run.info.run_id, "KILLED")
-        closed.append(run.info.run_id)
-        _log(f"MLflow: closed the stale run {run.info.run_id} of a killed train-{variant} as KILLED")
-    return closed
+    return tracking.close_stale_runs(experiment, stage="train", variant=variant)
 
 
 class StageRun:
@@ -390,9 +355,8 @@ class StageRun:
             return self
         from pipeline import tracking
 
-        close_stale_runs(self.variant)
         tags = {"stage": "train", "variant": self.variant, "backbone": self.backbone, "seed": self.p.optim.seed}
-        tags |= {"world_size": self.world, "launcher": self.p.launcher, **_process_tags()}
+        tags |= {"world_size": self.world, "launcher": self.p.launcher}  # start_run adds the process tags
         self._ctx = tracking.start_run(f"train-{self.variant}", tags=tags)
         self.run = self._ctx.__enter__()
         config = self.p.deltamem_config(self.variant)
