@@ -41,6 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.backbone import ordinary_permissions
 from pipeline.params import register_section
 
 from .collect import BASE_VARIANT, UnitResult, collect_eval, collect_train
@@ -849,6 +850,7 @@ def run_report(p: ReportParams, root: Path) -> ReportResult:
             **{f"claim/{c['deltamem']}/{c['task']}/gt/{c['versus']}": int(c["holds"]) for c in cl},
         }
         (tmp / "summary.json").write_text(json.dumps(summary_out, indent=2, sort_keys=True) + "\n")
+        ordinary_permissions(tmp)  # mkdtemp's 0700 would make reports/ private to its writer
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         if final.exists():
             final.rename(old)

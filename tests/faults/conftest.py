@@ -2,3 +2,4 @@
 
 from tests.pipeline.conftest import smol_tokenizer  # noqa: F401
 from tests.pipeline.eval_runner.conftest import eval_root  # noqa: F401
+from tests.pipeline.report.test_report import results_tree  # noqa: F401

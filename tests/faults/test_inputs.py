@@ -231,3 +231,32 @@ def test_a_damaged_evaluation_artefact_is_one_line_exit_2_naming_it_before_any_s
     if (artefact, damage) == ("adapter_config", "directory"):
         target = adapter  # "<folder>: not a δ-mem adapter (expected config.json + adapter.safetensors ...)"
     assert code == 2 and str(target) in line, line
+
+
+# --- outputs are ordinary files: the umask's permissions, not mkdtemp/mkstemp's owner-only ones -------------
+def _modes(root: Path) -> set[tuple[str, int]]:
+    return {("d" if p.is_dir() else "f", p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")]}
+
+
+def test_prepare_outputs_get_ordinary_permissions(tmp_path):
+    from pipeline.data.prepare import prepare
+    from pipeline.params import PrepareParams
+
+    umask = os.umask(0o022)
+    try:
+        entry = {"name": "synthetic", "synthetic": {"dialogues": {"train": 2, "test": 1}, "sessions": 2}}
+        _, out = prepare(PrepareParams(datasets=[entry], out_dir="data/prepared"), base_dir=tmp_path)
+    finally:
+        os.umask(umask)
+    assert _modes(out) == {("d", 0o755), ("f", 0o644)}
+
+
+def test_report_outputs_get_ordinary_permissions(results_tree):
+    from pipeline.report import ReportParams, run_report
+
+    umask = os.umask(0o022)
+    try:
+        result = run_report(ReportParams(bootstrap=100, permutations=100), results_tree)
+    finally:
+        os.umask(umask)
+    assert _modes(result.out_dir) == {("d", 0o755), ("f", 0o644)}  # was a 0700 folder (mkdtemp)
