@@ -188,7 +188,18 @@ def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
         except DataError as err:
             raise InputError(str(err)) from None
     backbone_name(p, root)
+    for out in (root / "models" / variant, root / "results" / "train" / variant):  # before any step, not after
+        _check_output_folder(out)
     return p
+
+
+def _check_output_folder(out: Path) -> None:
+    """``out`` can be created and written: its nearest existing ancestor is a writable folder."""
+    existing = next(a for a in (out, *out.parents) if a.exists() or a.is_symlink())
+    if not existing.is_dir():
+        raise InputError(f"{out}: cannot write the training output here: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{out}: cannot write the training output here: {existing} is not writable")
 
 
 def visible_gpus() -> int:

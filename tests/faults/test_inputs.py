@@ -260,3 +260,22 @@ def test_report_outputs_get_ordinary_permissions(results_tree):
     finally:
         os.umask(umask)
     assert _modes(result.out_dir) == {("d", 0o755), ("f", 0o644)}  # was a 0700 folder (mkdtemp)
+
+
+@pytest.mark.parametrize("blocked", ["models/TSW", "results", "results/train/TSW"])
+def test_a_train_output_folder_that_cannot_be_written_is_refused_before_any_step(
+    blocked, tmp_path, capsys, monkeypatch
+):
+    from pipeline.data.schema import write_split
+    from pipeline.data.synthetic import config_from_options, generate_split
+
+    cfg = config_from_options({"seed": 3, "dialogues": {"train": 2}, "sessions": 2, "facts_per_dialogue": 2})
+    write_split(generate_split(cfg, "train"), tmp_path / "data" / "prepared" / "synthetic" / "train.jsonl")
+    (tmp_path / "models" / "backbone").mkdir(parents=True)
+    blocker = tmp_path / blocked
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where a folder goes\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"backbone": "models/backbone", "limit_validation": 0}}))
+    code, line = run_stage("train", params, capsys, monkeypatch)
+    assert code == 2 and str(blocker) in line and "not a folder" in line, line
