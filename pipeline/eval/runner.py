@@ -387,6 +387,7 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
     def adapter_info(variant: str) -> tuple[str, str, str]:
         if variant not in adapter_cache:
             from deltamem import read_adapter_config
+            from deltamem.adapter import adapter_digest
 
             path = p.adapter_dir(root, variant)
             if not path.is_dir():
@@ -394,7 +395,7 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
                     f"adapter of variant {variant!r} not found: {path} (train it, or set evaluate.adapters)"
                 )
             config, _ = read_adapter_config(path)
-            adapter_cache[variant] = (str(path), tree_digest(path), config.write_mode)
+            adapter_cache[variant] = (str(path), adapter_digest(path), config.write_mode)  # weights + identity
         return adapter_cache[variant]
 
     units: list[Unit] = []

@@ -366,7 +366,7 @@ def train_distributed(
         "zero_stage": ds["zero_optimization"]["stage"],
     }
     if rank == 0:
-        save_adapter(model, out_dir / "adapter", extra={"training": summary})
+        save_adapter(model, out_dir / "adapter")  # run facts: training_summary.json
         (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume a killed run
     _barrier()

@@ -404,7 +404,7 @@ def train(
             return TrainResult(out_dir / "adapter", {"stopped_at": step}, history)
     bar.close()
     summary = training_summary(history, step, tokens_seen, elapsed, step * cfg.grad_accum * cfg.batch_size, params)
-    save_adapter(model, out_dir / "adapter", extra={"training": summary})
+    save_adapter(model, out_dir / "adapter")  # run facts go to training_summary.json, not the adapter
     (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume a killed run
     return TrainResult(out_dir / "adapter", summary, history)
