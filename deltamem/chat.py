@@ -16,8 +16,9 @@ Templates are rendered in NON-thinking mode unless ``thinking=True``: ``enable_t
 (Qwen3 hybrids then close an empty ``<think></think>`` block in the prompt itself, so training labels and
 evaluation prompts share it); SmolLM3-style templates (``/system_override``) render the system prompt
 exactly as given, with no "Today Date", no "Reasoning Mode" metadata and no injected persona (an empty
-system turn when there is no system message), unless ``template_persona=True``. ``strftime_now`` is pinned
-to a fixed date, so no prompt changes from one day to the next.
+system turn when there is no system message), unless ``template_persona=True`` — so no default prompt
+changes from one day to the next. (Other templates that print today's date through ``strftime_now``, e.g.
+Llama 3.2's, still do; transformers offers no way to pin it per call.)
 
 Every WRITE message is rendered on its own after the first message (the anchor) — the form one message
 has wherever it sits in a conversation — so a history written in one pass (training, evaluation) and one
@@ -33,7 +34,6 @@ from typing import Any, Literal
 
 DEFAULT_WRITE_SYSTEM = "You are a helpful assistant. Remember the following conversation."
 DEFAULT_READ_SYSTEM = "You are a helpful assistant. Answer the question briefly, using what you remember."
-PINNED_DATE = "01 January 2025"  # what strftime_now returns inside templates (no day-to-day prompt drift)
 Message = dict[str, str]
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -207,7 +207,6 @@ class ChatFormat:
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=self.settings.thinking,
-                strftime_now=lambda fmt: PINNED_DATE,
             )
         parts = []
         for m in messages:
