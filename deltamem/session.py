@@ -181,7 +181,12 @@ class MemorySession:
         """Answer ``question`` (greedy by default). Training protocol: read-only from the state, then
         ``write_turn`` tells Q and A as two turns. Reference protocol: always part of the conversation."""
         if self.protocol == "reference":
-            return self._ask_reference(question, generate_kwargs.pop("max_new_tokens", self.max_new_tokens))
+            max_new = generate_kwargs.pop("max_new_tokens", self.max_new_tokens)
+            if generate_kwargs.pop("do_sample", False) or generate_kwargs:
+                raise ValueError(
+                    f"protocol='reference' decodes greedily; unsupported options {sorted(generate_kwargs)}"
+                )
+            return self._ask_reference(question, max_new)
         self.flush()
         x = self.prompt_ids(question, generate_kwargs.pop("choices", None))
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": False, **generate_kwargs}
