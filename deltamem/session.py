@@ -317,13 +317,16 @@ class MemorySession:
                 f"{path}: a saved session that also holds other files {foreign[:5]}; not replacing it"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir() and not entries:  # an empty directory (maybe the working one): file by file
-            for name in OUR_FILES:
-                (path / name).unlink(missing_ok=True)
+        cwd = Path.cwd().absolute()
+        if path.is_dir() and (not entries or path == cwd or path in cwd.parents):
+            # an empty directory, or the working one: files renamed in one by one (never the folder itself)
             with tempfile.TemporaryDirectory(dir=path, prefix=".tmp-session-") as tmp:
-                self._write_files(Path(tmp))
-                for p in Path(tmp).iterdir():
-                    os.replace(p, path / p.name)
+                self._write_files(Path(tmp))  # a failure here leaves the previous files untouched
+                written = {p.name for p in Path(tmp).iterdir()}
+                for name in sorted(written, key=lambda n: n == SESSION_FILE):  # session.json last
+                    os.replace(Path(tmp) / name, path / name)
+            for name in set(OUR_FILES) - written:  # e.g. a KV cache the new session no longer has
+                (path / name).unlink(missing_ok=True)
             return path
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:

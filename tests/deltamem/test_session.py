@@ -262,3 +262,18 @@ def test_load_errors_name_the_file(tmp_path):
         MemorySession(model, tok).add_message("narrator", "x")
     with pytest.raises(ValueError, match="protocol must be"):
         MemorySession(model, tok, protocol="paper")
+
+
+def test_save_into_the_working_directory_keeps_it(tmp_path, monkeypatch):
+    """`:save .` inside a saved session folder updates the files in place; the folder itself stays."""
+    model, tok = make("llama")
+    s = MemorySession(model, tok)
+    tell(s, TURNS[:1])
+    s.save(tmp_path / "sess")
+    inode = (tmp_path / "sess").stat().st_ino
+    monkeypatch.chdir(tmp_path / "sess")
+    tell(s, TURNS[1:])
+    s.save(".")
+    assert (tmp_path / "sess").stat().st_ino == inode and os.getcwd() == str(tmp_path / "sess")
+    assert len(MemorySession.load(tmp_path / "sess", model, tok).history) == 3
+    assert sorted(os.listdir(tmp_path / "sess")) == ["session.json", "state.safetensors"]
