@@ -4,7 +4,7 @@ Output layout (``out_dir``, default ``data/prepared``)::
 
     <dataset>/<split>.jsonl            one example per line (schema: pipeline.data.schema)
     <dataset>/<split>.contexts.jsonl   shared contexts, once each (when examples share one)
-    memoryagentbench/entity2id.json    the recsys movie mapping, when the source provides it
+    <dataset>/entity2id.json           MemoryAgentBench's recsys movie mapping, when the source provides it
     manifest.json                      counts per split and category, provenance, hashes, token lengths
 
 Everything is first written to a temporary folder next to ``out_dir`` and moved into place only when
@@ -170,7 +170,8 @@ def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
                 split_manifest["token_lengths"] = token_stats(examples, packer)
             ds_manifest["splits"][split] = split_manifest
             manifest["totals"]["examples"] += counts["examples"]
-            prepared.extend(examples)
+            if entry.name == memoryagentbench.NAME:  # kept for the recsys mapping's check
+                prepared.extend(examples)
         if entry.name == memoryagentbench.NAME:
             _copy_entity2id(entry, prepared, ds_manifest, tmp, base_dir)
         manifest["datasets"][entry.out_name] = ds_manifest
