@@ -34,7 +34,9 @@ def _load_model(args: argparse.Namespace):
     from .backbones import load_backbone
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model, tok = load_backbone(args.backbone, dtype=dtype)
+    model, tok = load_backbone(
+        args.backbone, dtype=dtype, attn_implementation=args.attn_implementation, what="--backbone"
+    )
     if args.adapter:
         model = load_adapter(model, args.adapter)
     else:
@@ -172,13 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="backbone weights dtype"
     )
+    chat.add_argument(
+        "--attn-implementation",
+        default="auto",
+        choices=["auto", "eager", "sdpa", "flash_attention_2"],
+        help="attention kernel (auto: flash_attention_2 when installed and on a 16-bit CUDA model, else sdpa)",
+    )
     chat.set_defaults(func=cmd_chat)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backbones import BackboneLoadError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BackboneLoadError as err:  # a bad --backbone: one line, exit 2
+        print(f"deltamem: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

