@@ -176,6 +176,7 @@ def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
     except (ParamsError, ValueError) as err:
         raise InputError(str(err)) from None
     root = Path(params_file).resolve().parent
+    backbone_name(p, root)  # first: a wrong backbone path is the likelier mistake, and no data is read for it
     splits = [p.train_split] + ([p.validation_split] if p.limit_validation else [])
     from pipeline.data.errors import DataError
     from pipeline.data.schema import read_split
@@ -188,7 +189,6 @@ def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
             read_split(path)
         except DataError as err:
             raise InputError(str(err)) from None
-    backbone_name(p, root)
     return p
 
 
