@@ -40,7 +40,17 @@ def delta_rule_chunk(
     mask: torch.Tensor | None = None,
     chunk_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked scan. Returns ``(reads [B, T, H, r], final_state [B, H, r, r])``, equal to the naive loop."""
+    """Chunked scan. Returns ``(reads [B, T, H, r], final_state [B, H, r, r])``, equal to the naive loop.
+
+    Half-precision inputs (bf16/fp16) are computed in fp32 (the triangular solve needs it) and the results
+    cast back to the inputs' dtypes."""
+    if q.dtype in (torch.bfloat16, torch.float16):
+        out_dtype = q.dtype
+        s_dtype = initial_state.dtype if initial_state is not None else q.dtype
+        xs = [t.float() for t in (q, k, v, keep, erase, write)]
+        s0 = initial_state.float() if initial_state is not None else None
+        reads, state = delta_rule_chunk(*xs, s0, mask, chunk_size=chunk_size)
+        return reads.to(out_dtype), state.to(s_dtype)
     B, T, H, r = q.shape
     state = initial_state if initial_state is not None else q.new_zeros(B, H, r, r)
     if T == 0:
