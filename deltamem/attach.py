@@ -137,7 +137,7 @@ class DeltaMemController:
             self._handles.append(
                 attn.register_forward_pre_hook(functools.partial(self._memory_step, i), with_kwargs=True)
             )
-            for branch in ("q", "k", "v", "o"):
+            for branch in self.config.branches:  # no hook (and no call overhead) on other projections
                 proj = getattr(attn, f"{branch}_proj")
                 hook = functools.partial(self._add_correction, i, branch)
                 self._handles.append(proj.register_forward_hook(hook))
