@@ -178,6 +178,11 @@ class DeltaMemController:
         layer = self.layers[idx]
         S = state.layers[idx]
         if S.shape[0] != B:
+            if self.inplace and self.write:
+                raise ValueError(
+                    f"inplace=True writes into the state's own tensors: its batch size {S.shape[0]} must equal "
+                    f"the input batch size {B} (expand it first: state.expand({B}))"
+                )
             S = S.expand(B, *S.shape[1:]) if S.shape[0] == 1 else S
             if S.shape[0] != B:
                 raise ValueError(f"memory state batch size {S.shape[0]} does not match the input batch size {B}")
@@ -297,7 +302,8 @@ def attach_delta_mem(model: nn.Module, config: DeltaMemConfig | None = None) -> 
 
     Freezes every backbone parameter; adds ``model.delta_mem`` (the controller) and the methods
     ``write_memory``, ``new_memory``, ``save_adapter``; wraps ``forward`` and ``generate`` so they accept
-    ``memory=``, ``memory_write=`` and ``segment_ids=``.
+    ``memory=``, ``memory_write=``, ``segment_ids=`` and ``memory_inplace=`` (write the state into its own
+    tensors, for CUDA graphs; see docs/PERFORMANCE.md).
     """
     config = config or DeltaMemConfig()
     if getattr(model, "delta_mem", None) is not None:

@@ -76,6 +76,7 @@ class DeltaMemLayer(nn.Module):
             self.delta_o_rmsnorm_weight = nn.Parameter(torch.ones(self.out_features["o"]))
         self._sizes = [self.out_features[b] for b in config.branches]
         self._pack_cache: dict[tuple[str, ...], tuple[tuple, torch.Tensor]] = {}
+        self._scale_cols: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters(attn)
 
     @torch.no_grad()
@@ -325,8 +326,15 @@ class DeltaMemLayer(nn.Module):
         m = torch.sigmoid(self.delta_scale_raw) * self.config.delta_scale_max
         if self.config.delta_scale_granularity != "head":
             return m
-        idx = torch.tensor([BRANCHES.index(b) for b in self.config.branches], device=m.device)
-        return m[idx].repeat_interleave(torch.tensor(self._sizes, device=m.device))
+        cols = self._scale_cols.get(m.device)
+        if cols is None:  # per output column, the index of its branch in (q, k, v, o); built once per device
+            idx = [
+                BRANCHES.index(b)
+                for b, size in zip(self.config.branches, self._sizes, strict=True)
+                for _ in range(size)
+            ]
+            cols = self._scale_cols[m.device] = torch.tensor(idx, device=m.device)
+        return m[cols]
 
     # --- SSW -----------------------------------------------------------------------------------------
     def write_tokens(

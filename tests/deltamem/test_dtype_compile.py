@@ -127,6 +127,21 @@ def test_inplace_state_buffer_keeps_addresses():
     assert {i: t.data_ptr() for i, t in s_got.layers.items()} == ptrs  # written in place, never replaced
 
 
+def test_generate_memory_inplace():
+    model = attach_delta_mem(tiny_model("qwen3"), DeltaMemConfig(rank=4))
+    q = ids(T=5, seed=6)
+    kw = dict(memory_write=True, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        a, b = model.new_memory(1), model.new_memory(1)
+        ptrs = {i: t.data_ptr() for i, t in b.layers.items()}
+        out_a = model.generate(q, memory=a, **kw)
+        out_b = model.generate(q, memory=b, memory_inplace=True, **kw)
+        assert torch.equal(out_a, out_b) and b.equal(a, atol=1e-7)
+        assert {i: t.data_ptr() for i, t in b.layers.items()} == ptrs
+        with pytest.raises(ValueError, match="inplace=True"):
+            model(ids(B=2, T=3), memory=model.new_memory(1), memory_write=True, memory_inplace=True)
+
+
 @pytest.mark.slow
 def test_layer_decode_step_inductor():
     """The decode step through Inductor (generated C++ here, Triton on a GPU): equal to eager."""
