@@ -34,6 +34,9 @@ class DeltaMemConfig:
     branches: which attention projections receive a correction Δh = s·U_h·r_t (subset of q, k, v, o).
     write_mode: TSW (a write per token), SSW (a write per segment, from the mean hidden state of its
         tokens; segment ids come with the input) or MSW (``num_substates`` parallel r×r states, token writes).
+        SSW without usable ids for a call (none given, not [B, T] of that call, or all < 0 / padding)
+        writes one update per token instead, as the reference implementation does; so does every token
+        ``generate(memory_write=True)`` produces.
     num_substates: H, the number of sub-states (MSW only; the paper uses 4). None → 4 for MSW, else 1.
     couple_lambda: retention λ = 1 − β (True) or its own gate σ(W_λ x + b_λ).
     rankwise_gates: one gate per state row (True) or one scalar gate per token.
@@ -161,9 +164,15 @@ class DeltaMemConfig:
         return self.rank * int(self.num_substates or 1)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields. Options added after the first release are left out while at their defaults,
+        so the saved config (and whatever hashes it) of an adapter that does not use them is unchanged."""
         d = asdict(self)
         d["branches"] = list(self.branches)
         d["target_layers"] = None if self.target_layers is None else list(self.target_layers)
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in _OMIT_IF_DEFAULT:
+            if d[name] == defaults[name]:
+                del d[name]
         return d
 
     @classmethod
@@ -249,6 +258,18 @@ class DeltaMemConfig:
             delta_o_rmsnorm=bool(data.get("delta_o_rmsnorm", False)) and "o" in branches,
             delta_o_rmsnorm_eps=float(data.get("delta_o_rmsnorm_eps", 1e-6)),
         )
+
+
+_OMIT_IF_DEFAULT = (
+    "segment_granularity",
+    "trainable_delta_scale",
+    "delta_scale_init",
+    "delta_scale_max",
+    "delta_scale_granularity",
+    "delta_o_rmsnorm",
+    "delta_o_rmsnorm_eps",
+    "memory_dtype",
+)
 
 
 def _norm(value: Any) -> Any:
