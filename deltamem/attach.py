@@ -312,9 +312,9 @@ def attach_delta_mem(model: nn.Module, config: DeltaMemConfig | None = None) -> 
         p.requires_grad_(False)
     controller = DeltaMemController(model, config)
     model.delta_mem = controller
+    inert = {f"layers.{i}.{n}" for i, layer in controller.layers.items() for n in layer.inert_parameters()}
     for name, p in controller.named_parameters():
-        p.requires_grad_(True)
-        del name
+        p.requires_grad_(name not in inert)
 
     orig_forward = model.forward
     orig_generate = model.generate

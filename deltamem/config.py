@@ -57,7 +57,8 @@ class DeltaMemConfig:
         ``delta_scale_granularity="head"``) initialised so that m = delta_scale_init (the reference's
         ``alpha_over_rank`` parameterisation: s·m).
     delta_o_rmsnorm: Δo ← RMSNorm(Δo) with a trained weight ``delta_o_rmsnorm_weight`` (eps
-        ``delta_o_rmsnorm_eps``), in the backbone dtype; needs "o" in branches.
+        ``delta_o_rmsnorm_eps``), in the backbone dtype. Without "o" in branches the weight exists but
+        is inert and frozen, as in the reference (whose adapters then still carry it).
     memory_dtype: float32 (default: fp32 master weights and state whatever the backbone's dtype) or
         backbone (weights follow ``model.to(dtype)``, the memory runs in the backbone dtype like the
         reference implementation; for bit-level comparisons with it).
@@ -117,10 +118,6 @@ class DeltaMemConfig:
             raise ValueError(
                 f"DeltaMemConfig.delta_scale_init={self.delta_scale_init!r} / delta_scale_max="
                 f"{self.delta_scale_max!r} are invalid; expected 0 < delta_scale_init < delta_scale_max"
-            )
-        if self.delta_o_rmsnorm and "o" not in self.branches:
-            raise ValueError(
-                f"DeltaMemConfig.delta_o_rmsnorm=True needs 'o' in branches (got {', '.join(self.branches)})"
             )
         if not self.delta_o_rmsnorm_eps > 0:
             raise ValueError(f"DeltaMemConfig.delta_o_rmsnorm_eps={self.delta_o_rmsnorm_eps!r}; expected > 0")
@@ -254,8 +251,8 @@ class DeltaMemConfig:
             delta_scale_init=float(data.get("delta_scale_init", 1.0)),
             delta_scale_max=float(data.get("delta_scale_max", 2.0)),
             delta_scale_granularity=str(data.get("delta_scale_granularity", "layer")).strip().lower(),
-            # the reference builds the Δo RMSNorm weight but applies it only with an active o branch
-            delta_o_rmsnorm=bool(data.get("delta_o_rmsnorm", False)) and "o" in branches,
+            # without an active o branch the reference keeps (and saves) an inert weight: so do we
+            delta_o_rmsnorm=bool(data.get("delta_o_rmsnorm", False)),
             delta_o_rmsnorm_eps=float(data.get("delta_o_rmsnorm_eps", 1e-6)),
         )
 

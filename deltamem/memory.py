@@ -72,8 +72,8 @@ class DeltaMemLayer(nn.Module):
         if config.trainable_delta_scale:
             shape = (len(BRANCHES),) if config.delta_scale_granularity == "head" else (1,)
             self.delta_scale_raw = nn.Parameter(torch.empty(shape))
-        if config.delta_o_rmsnorm:
-            self.delta_o_rmsnorm_weight = nn.Parameter(torch.ones(self.out_features["o"]))
+        if config.delta_o_rmsnorm:  # inert (and frozen by attach) without an o branch, as in the reference
+            self.delta_o_rmsnorm_weight = nn.Parameter(torch.ones(attn.o_proj.out_features))
         self._sizes = [self.out_features[b] for b in config.branches]
         self._pack_cache: dict[tuple[str, ...], tuple[tuple, torch.Tensor]] = {}
         self._scale_cols: dict[torch.device, torch.Tensor] = {}
@@ -97,6 +97,10 @@ class DeltaMemLayer(nn.Module):
             )
         if self.config.delta_o_rmsnorm:
             self.delta_o_rmsnorm_weight.fill_(1.0)
+
+    def inert_parameters(self) -> list[str]:
+        """Names of parameters the configuration never uses (kept for the reference's adapter layout)."""
+        return ["delta_o_rmsnorm_weight"] if self.config.delta_o_rmsnorm and "o" not in self.config.branches else []
 
     def _apply(self, fn, recurse=True):
         """``model.to(torch.bfloat16)`` / ``.half()`` move the memory but leave its master weights in fp32
@@ -173,7 +177,7 @@ class DeltaMemLayer(nn.Module):
         out = {}
         for b in self.config.branches:
             out[b] = F.linear(flat, getattr(self, f"delta_{b}_proj")) * self.config.scale * self.scale_multiplier(b)
-        if self.config.delta_o_rmsnorm:
+        if self.config.delta_o_rmsnorm and "o" in out:
             out["o"] = self._rmsnorm_o(out["o"].to(out_dtype or out["o"].dtype))
         return out
 
@@ -308,7 +312,7 @@ class DeltaMemLayer(nn.Module):
         if corr.dtype != out_dtype:
             corr = corr.to(out_dtype)  # the one cast, for all branches
         out = list(corr.split(self._sizes, dim=-1)) if len(self._sizes) > 1 else [corr]
-        if cfg.delta_o_rmsnorm:
+        if cfg.delta_o_rmsnorm and "o" in cfg.branches:
             i = cfg.branches.index("o")
             out[i] = self._rmsnorm_o(out[i])
         beta_mean = None

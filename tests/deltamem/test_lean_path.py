@@ -142,8 +142,6 @@ def test_delta_o_rmsnorm_by_hand():
     w = layer.delta_o_rmsnorm_weight
     expected = raw / torch.sqrt(raw.pow(2).mean(-1, keepdim=True) + 1e-6) * w
     torch.testing.assert_close(layer.corrections(reads)["o"], expected, atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="delta_o_rmsnorm"):
-        DeltaMemConfig(branches=("q",), delta_o_rmsnorm=True)
 
 
 def test_packed_weight_cache_follows_updates():

@@ -112,8 +112,17 @@ def test_from_upstream_carries_the_options():
     assert (s.write_mode, s.segment_granularity) == ("SSW", "sentence")
     m = DeltaMemConfig.from_upstream({**UP, "memory_write_granularity": "message_mean"})
     assert (m.write_mode, m.segment_granularity) == ("SSW", "message")
-    # Δo RMSNorm without an o branch is inert upstream; here it is simply off
-    assert not DeltaMemConfig.from_upstream({**UP, "delta_heads": ["q"], "delta_o_rmsnorm": True}).delta_o_rmsnorm
+    # Δo RMSNorm without an o branch: an inert, frozen weight (upstream saves it in its adapters)
+    inert = DeltaMemConfig.from_upstream({**UP, "delta_heads": ["q"], "delta_o_rmsnorm": True})
+    model = attach_delta_mem(tiny_model(), inert)
+    w = model.delta_mem.layers[0].delta_o_rmsnorm_weight
+    assert w.shape == (32,) and not w.requires_grad
+    x = torch.randint(0, 97, (1, 6))
+    ref = attach_delta_mem(tiny_model(), DeltaMemConfig.from_upstream({**UP, "delta_heads": ["q"]}))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, memory=model.write_memory(x)).logits, ref(x, memory=ref.write_memory(x)).logits
+        )
 
 
 @pytest.mark.parametrize(
