@@ -211,7 +211,8 @@ class DeltaMemController:
         delta = pending[branch]
         if branch == "o":
             self._pending[idx] = None  # o_proj is the last projection of this attention call
-        return out + delta
+        # in place: the projection's output is a fresh tensor that its own backward does not need
+        return out.add_(delta)
 
     # --- gradient checkpointing ------------------------------------------------------------------------
     @property

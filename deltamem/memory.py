@@ -305,10 +305,12 @@ class DeltaMemLayer(nn.Module):
                 reads = torch.where(mask.view(B, T, 1, 1), reads, 0.0)
             if segments:
                 new_state = self._write_segment_means(state, x, mask, segment_ids)
-        corr = F.linear(reads.reshape(B, T, n), self._packed_weight(tuple(f"delta_{b}_proj" for b in cfg.branches)))
-        corr = corr * cfg.scale
+        # s scales the (tiny) reads rather than the [B, T, Σ out] product: one large tensor fewer, and
+        # bit-identical to s·(U r) for a power-of-two s (the default α/r = 2)
+        U = self._packed_weight(tuple(f"delta_{b}_proj" for b in cfg.branches))
         if cfg.trainable_delta_scale:
-            corr = corr * self._scale_columns()
+            U = U * self._scale_columns().unsqueeze(-1)  # m_h per output row of U, on the small weight
+        corr = F.linear(reads.reshape(B, T, n) * cfg.scale, U)
         if corr.dtype != out_dtype:
             corr = corr.to(out_dtype)  # the one cast, for all branches
         out = list(corr.split(self._sizes, dim=-1)) if len(self._sizes) > 1 else [corr]
