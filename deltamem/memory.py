@@ -75,7 +75,7 @@ class DeltaMemLayer(nn.Module):
         if config.delta_o_rmsnorm:  # inert (and frozen by attach) without an o branch, as in the reference
             self.delta_o_rmsnorm_weight = nn.Parameter(torch.ones(attn.o_proj.out_features))
         self._sizes = [self.out_features[b] for b in config.branches]
-        self._pack_cache: dict[tuple[str, ...], tuple[tuple, torch.Tensor]] = {}
+        self._pack_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
         self._scale_cols: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters(attn)
 
@@ -202,26 +202,43 @@ class DeltaMemLayer(nn.Module):
         t = torch.tanh(t)
         return t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-6)
 
-    def _packed_weight(self, names: tuple[str, ...]) -> torch.Tensor:
-        """The named weights stacked along the output dimension. Outside autograd and compilation the
-        stack is cached until one of the weights changes (tracked by the tensors' version counters)."""
+    def _packed_weight(self, names: tuple[str, ...], scale: float = 1.0) -> torch.Tensor:
+        """The named weights stacked along the output dimension (times ``scale``). Outside autograd and
+        compilation the result is cached until one of the weights changes (tracked by version counters)."""
         ws = [getattr(self, n) for n in names]
-        if len(ws) == 1:
-            return ws[0]
+
+        def build() -> torch.Tensor:
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)
+            return w if scale == 1.0 else w * scale
+
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.cat(ws)
+            return build()
         key = tuple((w.data_ptr(), w._version, w.device, w.dtype) for w in ws)
-        hit = self._pack_cache.get(names)
+        hit = self._pack_cache.get((names, scale))
         if hit is None or hit[0] != key:
-            hit = (key, torch.cat(ws))
-            self._pack_cache[names] = hit
+            hit = (key, build())
+            self._pack_cache[(names, scale)] = hit
         return hit[1]
+
+    def _packed_bias(self, rows: int) -> torch.Tensor:
+        """The projection bias for a packed matmul: zeros for the ``rows`` q/k/v rows, then b_β (and b_λ),
+        so the gate bias rides in the matmul (as the reference's ``F.linear(x, W_β, b_β)``)."""
+        bs = [self.beta_bias] if self.config.couple_lambda else [self.beta_bias, self.lambda_bias]
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            key = (rows, *((b.data_ptr(), b._version, b.device, b.dtype) for b in bs))
+            hit = self._pack_cache.get(("bias", rows))
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        out = torch.cat([bs[0].new_zeros(rows), *bs])
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            self._pack_cache[("bias", rows)] = (key, out)
+        return out
 
     def _gates(self, g: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g [..., G(·2)] pre-activations → β, λ (λ None when coupled), each [..., H, r]."""
         G = self.num_gates
-        beta = torch.sigmoid(g[..., :G] + self.beta_bias)
-        lam = None if self.config.couple_lambda else torch.sigmoid(g[..., G : 2 * G] + self.lambda_bias)
+        beta = torch.sigmoid(g[..., :G])  # the biases came with the packed matmul
+        lam = None if self.config.couple_lambda else torch.sigmoid(g[..., G : 2 * G])
         if self.config.rankwise_gates:
             return beta.view(shape), None if lam is None else lam.view(shape)
         beta = beta.unsqueeze(-1).expand(shape)
@@ -277,9 +294,10 @@ class DeltaMemLayer(nn.Module):
         decode = token_writes and T == 1
         # decoding works on [B, ...] views throughout (no per-tensor selects of the token axis)
         lead = (B,) if decode else (B, T)
-        y = F.linear(x.view(B, -1) if decode else x, self._packed_weight(names))  # one matmul for all of it
         shape = (*lead, H, r)
         off = 3 * n if token_writes else n
+        bias = self._packed_bias(off) if gates else None
+        y = F.linear(x.view(B, -1) if decode else x, self._packed_weight(names), bias)  # one matmul for all of it
         beta = lam = None
         if gates:
             beta, lam = self._gates(y[..., off:], shape)
@@ -305,12 +323,12 @@ class DeltaMemLayer(nn.Module):
                 reads = torch.where(mask.view(B, T, 1, 1), reads, 0.0)
             if segments:
                 new_state = self._write_segment_means(state, x, mask, segment_ids)
-        # s scales the (tiny) reads rather than the [B, T, Σ out] product: one large tensor fewer, and
+        # s scales the small weight rather than the [B, T, Σ out] product: one large tensor fewer, and
         # bit-identical to s·(U r) for a power-of-two s (the default α/r = 2)
-        U = self._packed_weight(tuple(f"delta_{b}_proj" for b in cfg.branches))
+        U = self._packed_weight(tuple(f"delta_{b}_proj" for b in cfg.branches), cfg.scale)  # s·U, cached
         if cfg.trainable_delta_scale:
             U = U * self._scale_columns().unsqueeze(-1)  # m_h per output row of U, on the small weight
-        corr = F.linear(reads.reshape(B, T, n) * cfg.scale, U)
+        corr = F.linear(reads.reshape(B, T, n), U)
         if corr.dtype != out_dtype:
             corr = corr.to(out_dtype)  # the one cast, for all branches
         out = list(corr.split(self._sizes, dim=-1)) if len(self._sizes) > 1 else [corr]
