@@ -228,8 +228,16 @@ class MemorySession:
         x = torch.tensor([ids], device=self.device)
         kwargs = {cache_kwarg(self.model.delta_mem.decoder): self.cache}
         segment_ids = torch.tensor([seg], device=self.device) if (self.ssw and seg is not None) else None
+        # SSW: a chunk with no message to write (only system text / template tokens, ids all −1) is read, not
+        # written — the layer would otherwise fall back to per-token writes, as it does when ids are absent
+        write = not (segment_ids is not None and bool((segment_ids < 0).all()))
         out = self.model(
-            input_ids=x, use_cache=True, memory=self.state, memory_write=True, segment_ids=segment_ids, **kwargs
+            input_ids=x,
+            use_cache=True,
+            memory=self.state,
+            memory_write=write,
+            segment_ids=segment_ids if write else None,
+            **kwargs,
         )
         return out.logits[:, -1, :]
 
