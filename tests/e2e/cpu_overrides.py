@@ -50,6 +50,31 @@ OVERRIDES: list[Override] = [
     Override("report.permutations", 100, "small: the minimum"),
 ]
 
+
+@dataclass(frozen=True)
+class Gap:
+    """A planned (variant, condition) that the code under test does not run yet: not required of a preset."""
+
+    write_mode: str
+    condition: str
+    why: str
+
+
+KNOWN_GAPS: list[Gap] = [
+    # pipeline/eval/conditions.py: "generate(memory_write=True) is not supported for write_mode='SSW'", so every
+    # preset's claimed condition (deltamem_full_context) is skipped for SSW and SSW has no claim: workaround
+    # issue 11 item 9 (h-report: the paper's ratio and recall for every variant)
+    Gap("SSW", "deltamem_full_context", "workaround issue 11 item 9: SSW cannot write online during generation"),
+]
+
+
+def known_gap(variant_config: dict[str, Any], condition: str) -> Gap | None:
+    for gap in KNOWN_GAPS:
+        if variant_config.get("write_mode") == gap.write_mode and condition == gap.condition:
+            return gap
+    return None
+
+
 _STEP = re.compile(r"([^.\[\]]+)|\[(\*|[^=\]]+=[^\]]+)\]")
 
 
@@ -91,4 +116,26 @@ def apply(preset: dict[str, Any], *, standin: str) -> tuple[dict[str, Any], list
             before = container.get(key, "<unset>")
             container[key] = value
             lines.append(f"{ov.path}: {before!r} -> {value!r}  ({ov.why})")
-    return params, lines
+    return params, list(dict.fromkeys(lines))  # one line per distinct change ([*] paths repeat)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.e2e.cpu_overrides PRESET --standin DIR``: the rehearsal's params.yaml on stdout."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("preset", type=Path)
+    ap.add_argument("--standin", required=True, help="folder of the stand-in backbone")
+    args = ap.parse_args(argv)
+    params, lines = apply(yaml.safe_load(args.preset.read_text()), standin=args.standin)
+    print("\n".join(f"override: {line}" for line in lines), file=sys.stderr)
+    print(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
