@@ -214,7 +214,8 @@ def test_dvc_experiments_and_metrics_diff(project):
     for f in METRIC_FILES:
         assert (f in diff) == (after[f] != baseline[f]), (f, diff)
     targeted = json.loads(
-        sh(project, "dvc", "metrics", "diff", "--json", "results/metrics/evaluate.json", stdout_only=True) or "{}"
+        sh(project, "dvc", "metrics", "diff", "--json", "--targets", "results/metrics/evaluate.json", stdout_only=True)
+        or "{}"
     )
     assert ("results/metrics/evaluate.json" in targeted) == (
         after["results/metrics/evaluate.json"] != baseline["results/metrics/evaluate.json"]
