@@ -41,8 +41,10 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit for a parameter value
 _BATCH = 100
 
 
-def owning_repository(root: Path = REPO_ROOT) -> Path:
-    """``root``, or for a DVC temporary experiment workspace ``<repo>/.dvc/tmp/exps/...`` that ``<repo>``."""
+def owning_repository(root: Path | None = None) -> Path:
+    """``root`` (default: this checkout), or for a DVC temporary experiment workspace
+    ``<repo>/.dvc/tmp/exps/...`` that ``<repo>``."""
+    root = REPO_ROOT if root is None else root
     parts = root.parts
     for i in range(len(parts) - 3, 0, -1):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
