@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py            # writes bench/results/train_throughput_cpu.json
     .venv/bin/python bench/train_throughput.py --batch-sizes 1 4 --repeats 2 --budget-s 600
+    .venv/bin/python bench/train_throughput.py --ray-workers 1 2   # writes train_throughput_ray_cpu.json
 
 The real embedded backbone (SmolLM2-135M-Instruct, fp32, ``deltamem.backbones.load_backbone("embedded")``),
 synthetic episodes from the generator settings of params.yaml's ``prepare`` block, packed by
@@ -131,8 +132,100 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def ray_main(workers: list[int], steps: int, out: Path) -> int:
+    """``--ray-workers``: the train stage under ``train.launcher: ray`` with 1, 2, … Ray Train CPU workers.
+
+    The embedded default exactly as params.yaml trains it (the embedded backbone, the ``train`` section, the
+    synthetic data of ``prepare``), but ``steps`` optimizer steps, no checkpoints and no validation; the
+    global batch (8 episodes) is split over the workers (``batch_size = 8 / workers``). tokens/s is the
+    loop's: tokens of all ranks / seconds inside the loop (model loading and Ray start-up excluded; they are
+    in ``stage_seconds``). One local Ray (127.0.0.1) serves all runs.
+    """
+    import shutil
+    import tempfile
+
+    import ray
+    import yaml
+
+    from pipeline.data.schema import write_split
+    from pipeline.data.synthetic import config_from_options, generate_split
+    from pipeline.params import load_section
+    from pipeline.train.ray_train import _start_local_ray, run_ray
+    from pipeline.train.run import TrainParams
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    synth = next(d for d in params["prepare"]["datasets"] if d["name"] == "synthetic")["synthetic"]
+    load_start = list(os.getloadavg())
+    work = Path(tempfile.mkdtemp(prefix="deltamem-bench-ray-"))
+    rows = []
+    try:
+        opts = config_from_options(synth)
+        write_split(generate_split(opts, "train"), work / "data" / "prepared" / "synthetic" / "train.jsonl")
+        _start_local_ray(num_cpus=max([*workers, os.cpu_count() or 1]))
+        base = load_section(ROOT / "params.yaml", "train", TrainParams)
+        global_batch = base.optim.batch_size * base.optim.grad_accum
+        for n in workers:
+            if global_batch % n:
+                raise SystemExit(f"--ray-workers {n}: does not divide the global batch {global_batch}")
+            optim = base.optim.model_copy(update={"steps": steps, "batch_size": global_batch // n, "grad_accum": 1})
+            optim = optim.model_copy(update={"checkpoint_every": 0})
+            p = base.model_copy(
+                update={
+                    "backbone": "embedded",
+                    "limit_validation": 0,
+                    "launcher": "ray",
+                    "nproc": n,
+                    "optim": optim,
+                    "storage_path": str(work / "storage"),
+                }
+            )
+            (work / "params.yaml").write_text(yaml.safe_dump({"train": p.model_dump(mode="json")}))
+            shutil.rmtree(work / "models", ignore_errors=True)
+            la, t0 = os.getloadavg()[0], time.time()
+            metrics = run_ray(p, "TSW", work, log_mlflow=False)
+            row = {
+                "workers": n,
+                "batch_size_per_worker": global_batch // n,
+                "steps": steps,
+                "tokens": metrics["tokens"],
+                "train_seconds": metrics["train_seconds"],
+                "tokens_per_s": metrics["tokens_per_s"],
+                "stage_seconds": time.time() - t0,
+                "load_average_before": la,
+                "load_average_after": os.getloadavg()[0],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base_rate = rows[0]["tokens_per_s"] if rows else None
+    result = {
+        "benchmark": "train_throughput_ray",
+        "device": "cpu",
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average_at_start": load_start,
+        "load_average_at_end": list(os.getloadavg()),
+        "config": {"train": "params.yaml (embedded default)", "steps": steps, "global_batch": rows and global_batch},
+        "runs": rows,
+        "speedup_vs_first": [r["tokens_per_s"] / base_rate for r in rows] if base_rate else [],
+        "notes": [
+            "Ray Train TorchTrainer workers, gloo, DeepSpeed ZeRO-2, one CPU (OMP thread) each",
+            "the load average shows whether other jobs shared the cores; on a busy machine 2 workers cannot speed up",
+        ],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} (load average {load_start[0]:.2f} → {os.getloadavg()[0]:.2f})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ray-workers", type=int, nargs="+", default=None, help="Ray Train mode: these worker counts")
+    ap.add_argument("--ray-steps", type=int, default=4, help="Ray Train mode: optimizer steps per run")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--repeats", type=int, default=1, help="timed calls per batch size and mode (median)")
     ap.add_argument("--budget-s", type=float, default=230.0, help="skip batch sizes that would not fit")
@@ -141,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput_cpu.json"))
     args = ap.parse_args(argv)
+    if args.ray_workers:
+        out = (
+            args.out
+            if args.out != ap.get_default("out")
+            else ROOT / "bench" / "results" / "train_throughput_ray_cpu.json"
+        )
+        return ray_main(args.ray_workers, args.ray_steps, Path(out))
     batch_sizes = sorted(args.batch_sizes)
 
     t_start = time.time()

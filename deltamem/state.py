@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,11 @@ class MemoryState:
         for name, t in tensors.items():
             if not name.startswith("layers.") or t.dim() != 4:
                 raise ValueError(f"{path}: entry {name!r} is not a δ-mem state tensor layers.<i> [B, H, r, r]")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: state tensor {name!r} is not finite floating point (NaN/Inf or {t.dtype})")
+            if t.dtype != torch.float32:  # states are accumulated in fp32; a low-precision copy is upcast
+                warnings.warn(f"{path}: state tensor {name!r} is {t.dtype}; cast to float32", stacklevel=2)
+                t = t.float()
             layers[int(name.split(".", 1)[1])] = t
         from safetensors import safe_open
 

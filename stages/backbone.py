@@ -9,8 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from deltamem.backbones import BackboneLoadError
+from pipeline.backbone import BackboneParams, InputError, prepare_backbone
 from pipeline.params import ParamsError, load_section
-from pipeline.train.run import BackboneParams, prepare_backbone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,10 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         p = load_section(args.params, "backbone", BackboneParams)
-    except ParamsError as err:
+        out = prepare_backbone(p, Path(args.params).resolve().parent)
+    except (ParamsError, InputError, BackboneLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = prepare_backbone(p, Path(args.params).resolve().parent)
     print(f"backbone saved to {out}")
     return 0
 

@@ -4,7 +4,9 @@ python stages/evaluate.py [--params params.yaml] [--workers N] [--no-tracking] [
 
 Writes ``results/eval/<variant>/<condition>/<task>/{predictions.jsonl,metrics.json,shards/}`` and the
 combined ``results/eval/metrics.json`` (see :mod:`pipeline.eval.runner`), then logs an MLflow run
-``evaluate`` with one nested run per unit. Exit status 2 for bad params or missing inputs, 1 when a
+``evaluate`` with one nested run per unit. Exit status 2 (one line, no traceback) for bad params, data
+or artefacts (unreadable, non-finite or mismatched adapters, a split that disagrees with its manifest,
+an output folder that cannot be written: all found while planning, before any shard runs); 1 when a
 shard fails after its retries (finished shards are kept: rerun to resume).
 """
 
@@ -20,6 +22,8 @@ try:
 except ImportError:  # a plain checkout: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deltamem.backbones import EMBEDDED_NAMES, BackboneLoadError, resolve_source
+from pipeline.data.errors import DataError
 from pipeline.eval.runner import EvalError, EvalInputError, EvalParams, run_evaluate
 from pipeline.params import ParamsError, load_section
 
@@ -33,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         p = load_section(args.params, "evaluate", EvalParams)
-    except ParamsError as err:
+        if p.backbone not in EMBEDDED_NAMES:  # before Ray actors start and each fail on it
+            resolve_source(p.backbone, Path(args.params).resolve().parent, "evaluate.backbone")
+    except (ParamsError, BackboneLoadError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as err:
+        print(f"evaluate: error: {args.params}: not UTF-8 text (byte {err.start}: {err.reason})", file=sys.stderr)
         return 2
     updates = {}
     if args.workers is not None:
@@ -45,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         p = p.model_copy(update=updates)
     try:
         summary = run_evaluate(p, Path(args.params).resolve().parent, log_mlflow=not args.no_tracking)
-    except EvalInputError as err:
+    except (EvalInputError, DataError, BackboneLoadError) as err:  # bad params, data or artefacts: one line
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
     except EvalError as err:

@@ -22,6 +22,7 @@ try:
 except ImportError:  # a plain checkout: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deltamem.backbones import BackboneLoadError
 from pipeline.data import DataError
 from pipeline.data.prepare import MANIFEST, prepare
 from pipeline.params import ParamsError, PrepareParams, load_section
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_section(params_file, "prepare", PrepareParams)
         manifest, out = prepare(params, base_dir=params_file.resolve().parent, out_dir=args.out)
-    except (DataError, ParamsError) as err:
+    except (DataError, ParamsError, BackboneLoadError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for src in sources_outside_raw(params, params_file.resolve().parent):

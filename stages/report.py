@@ -24,6 +24,7 @@ except ImportError:  # a plain checkout: make the repository root importable
 
 from pipeline.params import ParamsError, load_section
 from pipeline.report import ReportInputError, ReportParams, run_report
+from pipeline.report.build import NA, mlflow_payload
 
 
 def log_to_mlflow(result, p: ReportParams) -> None:
@@ -34,18 +35,21 @@ def log_to_mlflow(result, p: ReportParams) -> None:
 
     with tracking.start_run("report", tags={"stage": "report"}) as run:
         tracking.log_params(p.model_dump(mode="json"), prefix="report")
-        tracking.log_metrics({tracking.metric_key(k): v for k, v in result.summary.items() if v is not None})
+        metrics, undefined = mlflow_payload(result.summary)
+        tracking.log_metrics({tracking.metric_key(k): v for k, v in metrics.items()})
+        if undefined:  # undefined ratios (0/0) have no number: a tag "n/a" each, never a made-up metric
+            mlflow.set_tags({tracking.metric_key(k): v for k, v in undefined.items()})
         mlflow.log_artifacts(str(result.out_dir), artifact_path="report")
         parent = run.data.tags.get("mlflow.parentRunId")
     if parent:
         client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
         client.log_artifacts(parent, str(result.out_dir), artifact_path="report")
         for c in result.claims:
-            client.log_metric(
-                parent,
-                tracking.metric_key(f"claim/{c['deltamem']}/{c['task']}/vs/{c['versus']}/ratio"),
-                _finite(c["ratio"].value),
-            )
+            key = tracking.metric_key(f"claim/{c['deltamem']}/{c['task']}/vs/{c['versus']}/ratio")
+            if c["ratio"].value != c["ratio"].value:  # NaN: 0/0
+                client.set_tag(parent, key, NA)
+            else:
+                client.log_metric(parent, key, _finite(c["ratio"].value))
         tracking.finish_pipeline_run("FINISHED")
 
 
@@ -100,10 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         log_to_mlflow(result, p)
     for c in result.claims:
         verdict = "holds" if c["holds"] else "does NOT hold"
+        r = c["ratio"]
+        ratio = NA if r.value != r.value else f"{r.value:.3g}× [{r.low:.3g}, {r.high:.3g}]"
         print(
-            f"report: {c['task']}: {c['deltamem']} > {c['versus']} {verdict}: ratio {c['ratio'].value:.3g}× "
-            f"[{c['ratio'].low:.3g}, {c['ratio'].high:.3g}], difference {c['difference'].value:+.3f} "
+            f"report: {c['claim']}: {c['task']}: {c['deltamem']} > {c['versus']} {verdict}: ratio {ratio}, "
+            f"difference {c['difference'].value:+.3f} "
             f"[{c['difference'].low:+.3f}, {c['difference'].high:+.3f}], p={c['p_value']:.3g}"
+        )
+    for c in result.not_evaluated:
+        print(
+            f"report: {c['claim']}: {c['task']}: {c['deltamem']} > {c['versus']} not evaluated (a condition is missing)"
         )
     print(f"report: wrote {result.out_dir / 'report.md'} and {result.out_dir / 'report.html'}")
     return 0

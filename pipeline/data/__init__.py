@@ -56,6 +56,9 @@ class DatasetInfo:
         hf_id / hf_config: the usual hub location (``source: hf``).
         hf_split: our split name → the hub's split name.
         licence: short licence note (details in docs/DATASETS.md).
+        locate: ``locate(folder, split) -> RawSplit`` for a source folder (or a missing one), replacing the
+            ``local_files`` search (Qasper: release files, tarballs, the hub's parquet conversion).
+        hub_error: ``hub_error(split) -> DataError`` when ``source: hf`` cannot work for this data set.
     """
 
     name: str
@@ -66,6 +69,8 @@ class DatasetInfo:
     hf_config: str | None = None
     hf_split: Callable[[str], str] = field(default=lambda s: s)
     licence: str = ""
+    locate: Callable[[Path, str], RawSplit] | None = None
+    hub_error: Callable[[str], DataError] | None = None
 
 
 def _mab_split(split: str) -> str:
@@ -92,13 +97,10 @@ DATASETS: dict[str, DatasetInfo] = {
             "qasper",
             qasper.parse,
             ("train", "validation", "test"),
-            local_files=lambda s: (
-                f"qasper-{'dev' if s == 'validation' else s}-v0.3.json",
-                *_generic(s),
-                f"*/{s}-*.parquet",
-            ),
             hf_id="allenai/qasper",
             licence="CC BY 4.0",
+            locate=qasper.locate,
+            hub_error=qasper.hub_error,
         ),
         DatasetInfo(
             "hotpotqa",
@@ -207,8 +209,12 @@ def _read(
         hub_id = source[len(HF_PREFIX) :] or info.hf_id
         if not hub_id:
             raise DataError(f"{info.name} has no default Hugging Face id; write source: hf:<owner>/<name>")
+        if hub_id == info.hf_id and info.hub_error is not None:
+            raise info.hub_error(split)
         return read_hf(hub_id, info.hf_split(split), hf_config or info.hf_config, revision)
     if source == "hf":
+        if info.hub_error is not None:
+            raise info.hub_error(split)
         if not info.hf_id:
             raise DataError(f"{info.name} is not on the Hugging Face hub; give a local path as the source")
         return read_hf(info.hf_id, info.hf_split(split), hf_config or info.hf_config, revision)
@@ -216,6 +222,8 @@ def _read(
     if files and split in files:
         path = _resolve(files[split], root if root.is_dir() else base_dir)
         return read_local(path)
+    if info.locate is not None and (root.is_dir() or not root.exists()):
+        return info.locate(root, split)
     if root.is_dir():
         return read_local(find_split_file(root, info.local_files(split)))
     return read_local(root)

@@ -4,6 +4,7 @@ Output layout (``out_dir``, default ``data/prepared``)::
 
     <dataset>/<split>.jsonl            one example per line (schema: pipeline.data.schema)
     <dataset>/<split>.contexts.jsonl   shared contexts, once each (when examples share one)
+    <dataset>/entity2id.json           MemoryAgentBench's recsys movie mapping, when the source provides it
     manifest.json                      counts per split and category, provenance, hashes, token lengths
 
 Everything is first written to a temporary folder next to ``out_dir`` and moved into place only when
@@ -22,10 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import DATASETS, load_split
+from . import DATASETS, load_split, memoryagentbench
 from .errors import DataError
 from .schema import SCHEMA_VERSION, Example, contexts_path, write_split
-from .sources import is_hf, sha256_file
+from .sources import HF_PREFIX, is_hf, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -71,17 +72,47 @@ def _file_entry(path: Path, root: Path) -> dict[str, Any]:
     return {"path": path.relative_to(root).as_posix(), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def _make_packer(params: Any) -> Any:
+def _make_packer(params: Any, base_dir: Path | None = None) -> Any:
     if params.tokenizer is None:
         return None
     from .tokenize import Packer, load_tokenizer
 
-    tok = load_tokenizer(params.tokenizer.name_or_path, params.tokenizer.gguf_file)
+    tok = load_tokenizer(params.tokenizer.name_or_path, params.tokenizer.gguf_file, root=base_dir)
     return Packer(tok, write_length=params.tokenizer.write_length, read_length=params.tokenizer.read_length)
 
 
+def _copy_entity2id(entry: Any, examples: list[Example], ds_manifest: dict[str, Any], tmp: Path, base: Path) -> None:
+    """MemoryAgentBench: put the source's ``entity2id.json`` next to the splits, where the evaluator
+    reads it (checked first; written inside the staging folder, so it appears with the splits or not
+    at all) and list it under ``files``; movie-id golds without a mapping are a :class:`DataError`."""
+    source = entry.source or ""
+    hf_id = None
+    if source == "hf" or is_hf(source):
+        hf_id = source[len(HF_PREFIX) :] if is_hf(source) else ""
+        hf_id = hf_id or DATASETS[entry.name].hf_id
+    read_files = [
+        base / f["path"] for split in ds_manifest["splits"].values() for f in split["provenance"].get("files", [])
+    ]
+    mapping = memoryagentbench.find_entity2id(
+        source,
+        examples=examples,
+        read_files=read_files,
+        base_dir=base,
+        hf_id=hf_id,
+        revision=entry.revision,
+        explicit=entry.options.get("entity2id"),
+    )
+    if mapping is None:
+        return
+    memoryagentbench.check_entity2id(mapping, examples)
+    target = tmp / entry.out_name / memoryagentbench.ENTITY2ID
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(mapping.data)
+    ds_manifest["files"] = {"entity2id": {**_file_entry(target, tmp), "origin": mapping.label}}
+
+
 def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
-    packer = _make_packer(params)
+    packer = _make_packer(params, base_dir)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "params": params.model_dump(mode="json", exclude_none=True),
@@ -108,6 +139,7 @@ def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
             "licence": DATASETS[entry.name].licence,
             "splits": {},
         }
+        prepared: list[Example] = []
         for split in splits:
             examples, provenance = load_split(
                 entry.name,
@@ -136,8 +168,16 @@ def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
             }
             if packer is not None:
                 split_manifest["token_lengths"] = token_stats(examples, packer)
+            if entry.name == "qasper" and split == "train":  # what the paper's training recipe gets from it
+                from .qasper import recipe_stats
+
+                split_manifest["paper_recipe"] = recipe_stats(examples, packer)
             ds_manifest["splits"][split] = split_manifest
             manifest["totals"]["examples"] += counts["examples"]
+            if entry.name == memoryagentbench.NAME:  # kept for the recsys mapping's check
+                prepared.extend(examples)
+        if entry.name == memoryagentbench.NAME:
+            _copy_entity2id(entry, prepared, ds_manifest, tmp, base_dir)
         manifest["datasets"][entry.out_name] = ds_manifest
     if packer is not None:
         manifest["tokenizer"] = params.tokenizer.model_dump(mode="json", exclude_none=True)

@@ -19,17 +19,179 @@ the paper's questions (``conversation_id`` = paper id). ``answers`` holds one re
 annotator, turned into text as the official baseline evaluator does: ``Unanswerable``, the extractive
 spans joined by ``", "``, the free-form answer, or ``Yes``/``No``. ``category`` is the first
 annotator's answer type: extractive, abstractive, yes-no or unanswerable.
+
+Where the files come from (:func:`locate`, for a source folder such as ``data/raw/qasper``), tried in order:
+
+1. the allenai release: ``qasper-train-v0.3.json`` and ``qasper-dev-v0.3.json`` (from
+   ``qasper-train-dev-v0.3.tgz``), ``qasper-test-v0.3.json`` (from ``qasper-test-and-evaluator-v0.3.tgz``),
+   in the folder or one folder below it, or read straight out of the ``.tgz`` files themselves (only
+   that member is read; nothing is extracted);
+2. the hub's parquet conversion (the ``refs/convert/parquet`` branch of ``allenai/qasper``, as
+   ``hf download allenai/qasper --repo-type dataset --revision refs/convert/parquet --local-dir
+   data/raw/qasper`` writes it): ``qasper/<split>/*.parquet`` (all shards, in name order), also without
+   the ``qasper/`` level, and the older ``qasper/qasper-<split>.parquet``;
+3. generic exports ``<split>.json``, ``<split>.jsonl``, ``<split>.parquet``, ``<split>-*.parquet``.
+
+``source: hf`` does not work for Qasper: ``allenai/qasper`` is a loading-script data set that
+``datasets`` ≥ 4 refuses, so the reader says at once which files to put where (:data:`HOW_TO_GET`).
+
+The paper's training recipe (:func:`recipe_stats`, reported in the manifest): train papers with at least
+two answerable questions whose WRITE (the whole paper) fits the write length; released adapters are
+step 70 at global batch 32, i.e. 2,240 episodes (one episode = one question with its paper written).
 """
 
 from __future__ import annotations
 
+import json
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ._fields import get_field, str_list
 from .errors import DataError
 from .schema import Example, Segment
+from .sources import RawSplit, read_file
 
 NAME = "qasper"
+ALLENAI_FILES = {
+    "train": "qasper-train-v0.3.json",
+    "validation": "qasper-dev-v0.3.json",
+    "test": "qasper-test-v0.3.json",
+}
+TARBALLS = {
+    "train": "qasper-train-dev-v0.3.tgz",
+    "validation": "qasper-train-dev-v0.3.tgz",
+    "test": "qasper-test-and-evaluator-v0.3.tgz",
+}
+RELEASE_URL = "https://qasper-dataset.s3.us-west-2.amazonaws.com/"
+HOW_TO_GET = (
+    f"either the allenai release (curl -LO {RELEASE_URL}qasper-train-dev-v0.3.tgz and {RELEASE_URL}qasper-test-and-evaluator-v0.3.tgz "
+    "into the folder; the .tgz files are read as they are, or extracted: qasper-{train,dev,test}-v0.3.json) "
+    "or the hub's parquet conversion (hf download allenai/qasper --repo-type dataset --revision "
+    "refs/convert/parquet --local-dir <folder>, giving qasper/<split>/0000.parquet)"
+)
+PAPER_STEPS = 70
+PAPER_GLOBAL_BATCH = 32
+PAPER_MIN_ANSWERABLE = 2
+
+
+def _parquet_shards(folder: Path, split: str) -> list[Path]:
+    for pattern in (f"qasper/{split}/*.parquet", f"{split}/*.parquet", f"qasper/qasper-{split}.parquet"):
+        hits = sorted(p for p in folder.glob(pattern) if p.is_file())
+        if hits:
+            return hits
+    return []
+
+
+def _from_tarball(tgz: Path, member_name: str) -> Any:
+    """The JSON of member ``member_name`` (matched by base name) of a release tarball, without extracting."""
+    try:
+        with tarfile.open(tgz, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and Path(member.name).name == member_name:
+                    f = tar.extractfile(member)
+                    if f is None:
+                        break
+                    try:
+                        return json.load(f)
+                    except json.JSONDecodeError as err:
+                        raise DataError(
+                            f"{member.name}: invalid JSON at line {err.lineno}: {err.msg}", source=tgz
+                        ) from None
+                    except UnicodeDecodeError as err:
+                        raise DataError(f"{member.name}: not UTF-8 text ({err.reason})", source=tgz) from None
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise DataError(f"cannot read the tarball ({err})", source=tgz) from None
+    raise DataError(f"no {member_name} in the tarball", source=tgz)
+
+
+def locate(folder: Path, split: str) -> RawSplit:
+    """Split ``split`` from a source folder (see the module docstring), or a :class:`DataError` saying
+    both ways to obtain Qasper when neither is there."""
+    if split not in ALLENAI_FILES:
+        raise DataError(f"unknown Qasper split {split!r}; splits: {', '.join(ALLENAI_FILES)}", source=folder)
+    if folder.is_dir():
+        name = ALLENAI_FILES[split]
+        for cand in (folder / name, *sorted(folder.glob(f"*/{name}"))):
+            if cand.is_file():
+                return RawSplit(records=read_file(cand), origin=str(cand), files=[cand])
+        tgz = folder / TARBALLS[split]
+        if tgz.is_file():
+            return RawSplit(records=_from_tarball(tgz, name), origin=f"{tgz}:{name}", files=[tgz])
+        shards = _parquet_shards(folder, split)
+        if shards:
+            rows: list[Any] = []
+            for shard in shards:
+                rows.extend(read_file(shard))
+            origin = str(shards[0]) if len(shards) == 1 else f"{shards[0].parent}/*.parquet ({len(shards)} files)"
+            return RawSplit(records=rows, origin=origin, files=shards)
+        for generic in (f"{split}.json", f"{split}.jsonl", f"{split}.parquet"):
+            if (folder / generic).is_file():
+                return RawSplit(
+                    records=read_file(folder / generic), origin=str(folder / generic), files=[folder / generic]
+                )
+        generic_shards = sorted(folder.glob(f"{split}-*.parquet")) or sorted(folder.glob(f"*/{split}-*.parquet"))
+        if generic_shards:
+            rows = []
+            for shard in generic_shards:
+                rows.extend(read_file(shard))
+            return RawSplit(records=rows, origin=str(generic_shards[0]), files=generic_shards)
+        what = "no Qasper files for split " + repr(split)
+    else:
+        what = "no such folder"
+    raise DataError(f"{what}; put {HOW_TO_GET}", source=folder)
+
+
+def hub_error(split: str) -> DataError:
+    """``source: hf``: allenai/qasper cannot be loaded by ``datasets`` ≥ 4 (a loading script)."""
+    return DataError(
+        "allenai/qasper is a loading-script data set that the datasets package (>= 4) refuses; set source to a "
+        f"local folder (e.g. data/raw/qasper) and put {HOW_TO_GET}",
+        source=f"hf:allenai/qasper[{split}]",
+    )
+
+
+def recipe_stats(
+    examples: Sequence[Example], packer: Any = None, min_answerable: int = PAPER_MIN_ANSWERABLE
+) -> dict[str, Any]:
+    """How many training episodes the paper's recipe yields from these examples.
+
+    A paper is selected when at least ``min_answerable`` of its questions are answerable (the first
+    annotator's answer, the training target, is not "Unanswerable") and its WRITE — the paper's
+    segments as the packer renders them — fits ``packer.write_length`` tokens. Episodes = the answerable
+    questions of the selected papers; the paper trains ``PAPER_STEPS`` × ``PAPER_GLOBAL_BATCH`` of them.
+    Without a packer (no ``prepare.tokenizer``) the write length cannot be checked: then the selected
+    counts are None.
+    """
+    papers: dict[str, list[Example]] = {}
+    for ex in examples:
+        papers.setdefault(ex.conversation_id or ex.example_id, []).append(ex)
+    answerable = {pid: sum(1 for e in exs if e.category != "unanswerable") for pid, exs in papers.items()}
+    enough = [pid for pid, n in answerable.items() if n >= min_answerable]
+    out: dict[str, Any] = {
+        "papers": len(papers),
+        "questions": len(examples),
+        "answerable_questions": sum(answerable.values()),
+        f"papers_with_{min_answerable}_answerable": len(enough),
+        "write_length": None,
+        "papers_selected": None,
+        "episodes": None,
+        "paper_steps": PAPER_STEPS,
+        "paper_global_batch": PAPER_GLOBAL_BATCH,
+        "paper_episodes": PAPER_STEPS * PAPER_GLOBAL_BATCH,
+        "epochs_for_paper_episodes": None,
+    }
+    if packer is not None:
+        fits = [pid for pid in enough if len(packer.context_ids(papers[pid][0].segments)[0]) <= packer.write_length]
+        episodes = sum(answerable[pid] for pid in fits)
+        out.update(
+            write_length=packer.write_length,
+            papers_selected=len(fits),
+            episodes=episodes,
+            epochs_for_paper_episodes=round(PAPER_STEPS * PAPER_GLOBAL_BATCH / episodes, 2) if episodes else None,
+        )
+    return out
 
 
 def _columns_to_rows(columns: Any, *, origin: str, rid: str, path: str) -> list[dict[str, Any]]:

@@ -263,7 +263,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"invalid JSON at line {lineno}: {err.msg}", source=path) from None
+                raise DataError(f"invalid JSON at line {lineno} column {err.colno}: {err.msg}", source=path) from None
 
 
 def read_split(path: str | Path) -> list[Example]:

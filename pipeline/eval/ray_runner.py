@@ -1,13 +1,19 @@
 """Ray execution of evaluation shards: worker actors that load the backbone once, a retrying scheduler.
 
 * :func:`init_ray` connects to ``evaluate.ray.address`` / ``$RAY_ADDRESS`` when set, else starts a local
-  cluster on 127.0.0.1 (no dashboard, object store capped at ``ray.object_store_mb``, ``ray.num_cpus``
-  CPUs). A session that is already initialised (e.g. by a test) is reused and left running.
-* :func:`run_ray` starts ``min(workers, shards)`` :class:`~pipeline.eval.runner.EvalWorker` actors
-  (``ray.actor_num_cpus`` / ``ray.actor_num_gpus`` each) and hands each idle actor the next shard. A
-  shard whose task raises is queued again until it has failed ``max_retries + 1`` times; an actor that
-  dies is replaced. Results come back to the driver, which writes each shard as soon as it arrives, so a
-  stage that fails keeps every finished shard for the next run.
+  cluster confined to 127.0.0.1 (:func:`pipeline.ray_local.start_local_ray`: no dashboard, object store
+  capped at ``ray.object_store_mb``, ``ray.num_cpus`` CPUs). A session that is already initialised (e.g.
+  by a test) is reused and left running.
+* :func:`fit_workers` checks, before any actor is created, how many actors of ``ray.actor_num_cpus`` /
+  ``ray.actor_num_gpus`` the cluster's nodes can hold: more ``workers`` than that are reduced with a
+  warning; none at all is an :class:`~pipeline.eval.runner.EvalInputError` (exit 2), never a hang.
+* :func:`run_ray` starts that many :class:`~pipeline.eval.runner.EvalWorker` actors and hands a shard
+  only to an actor that has started (its constructor returned); an actor that never starts (the cluster
+  is busy) gets no work, and if none starts within ``ray.actor_start_timeout_s`` the stage stops with a
+  clear error. A shard whose task raises is queued again until it has failed ``max_retries + 1`` times;
+  an actor that dies is replaced. Every retry and replacement is logged with the shard, the worker and
+  the reason. Results come back to the driver, which writes each shard as soon as it arrives, so a stage
+  that fails keeps every finished shard for the next run.
 
 On a remote cluster every node needs the project installed and the backbone, adapter and data paths
 (the driver sends absolute paths); results travel back through the object store.
@@ -15,15 +21,24 @@ On a remote cluster every node needs the project installed and the backbone, ada
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from pipeline.eval.runner import EvalParams, EvalWorker, ShardSpec, worker_threads
+from pipeline.eval.runner import EvalInputError, EvalParams, EvalWorker, ShardSpec, worker_threads
+from pipeline.ray_local import LocalRay, start_local_ray
 
-LOCAL_HOST = "127.0.0.1"
+# the local cluster started by init_ray (None: none, or a session we did not start)
+_LOCAL: dict[str, LocalRay | None] = {"ray": None}
+
+
+def _log(msg: str) -> None:
+    print(f"evaluate: {msg}", file=sys.stderr, flush=True)
 
 
 def init_ray(p: EvalParams) -> bool:
@@ -36,14 +51,57 @@ def init_ray(p: EvalParams) -> bool:
     if address:
         ray.init(address=address, logging_level="warning")
     else:
-        ray.init(
-            num_cpus=p.ray.num_cpus or os.cpu_count() or 1,
-            object_store_memory=p.ray.object_store_mb * 2**20,
-            include_dashboard=False,
-            _node_ip_address=LOCAL_HOST,
-            logging_level="warning",
+        _LOCAL["ray"] = start_local_ray(
+            num_cpus=p.ray.num_cpus or os.cpu_count() or 1, object_store_mb=p.ray.object_store_mb
         )
     return True
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    local, _LOCAL["ray"] = _LOCAL["ray"], None
+    if local is not None:
+        local.shutdown()  # waits for (and if needed kills) every process of that cluster
+    else:
+        ray.shutdown()
+
+
+def actor_capacity(nodes: Sequence[Mapping[str, Any]], num_cpus: float, num_gpus: float) -> int:
+    """How many actors reserving ``num_cpus`` CPUs and ``num_gpus`` GPUs fit on ``nodes`` (``ray.nodes()``
+    entries: ``Alive``, ``Resources``); each actor sits on one node."""
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        res = node.get("Resources", {})
+        fit = math.floor(res.get("CPU", 0.0) / num_cpus + 1e-9) if num_cpus > 0 else math.inf
+        if num_gpus > 0:
+            fit = min(fit, math.floor(res.get("GPU", 0.0) / num_gpus + 1e-9))
+        total += 0 if fit == math.inf else int(fit)
+    return total
+
+
+def fit_workers(p: EvalParams, wanted: int, nodes: Sequence[Mapping[str, Any]]) -> int:
+    """``wanted`` actors, or as many as the cluster holds (with a warning); EvalInputError if none fits."""
+    cpus, gpus = p.ray.actor_num_cpus, p.ray.actor_num_gpus
+    have_cpu = sum(n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("Alive", True))
+    have_gpu = sum(n.get("Resources", {}).get("GPU", 0.0) for n in nodes if n.get("Alive", True))
+    capacity = actor_capacity(nodes, cpus, gpus)
+    ask = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+    has = f"{have_cpu:g} CPU, {have_gpu:g} GPU on {len(nodes)} node(s)"
+    if capacity == 0:
+        raise EvalInputError(
+            f"evaluate.ray: no worker actor fits the Ray cluster (each asks {ask}; the cluster has {has}); "
+            "lower evaluate.ray.actor_num_cpus / actor_num_gpus, or set evaluate.workers: 0 (in-process)"
+        )
+    if capacity < wanted:
+        _log(
+            f"warning: {wanted} worker actors of {ask} do not fit the Ray cluster ({has}); "
+            f"using {capacity} (set evaluate.workers to silence this)"
+        )
+        return capacity
+    return wanted
 
 
 # Actors kept between runs of one driver session (same cluster, same worker settings), so a second
@@ -56,7 +114,16 @@ def _pool_key(p: EvalParams, backbone: str, threads: int | None) -> tuple:
     import ray
 
     node = ray.get_runtime_context().get_node_id()
-    return (node, backbone, p.dtype, p.device, threads, p.ray.actor_num_cpus, p.ray.actor_num_gpus)
+    return (
+        node,
+        backbone,
+        p.dtype,
+        p.attn_implementation,
+        p.device,
+        threads,
+        p.ray.actor_num_cpus,
+        p.ray.actor_num_gpus,
+    )
 
 
 def shutdown_pool() -> None:
@@ -95,48 +162,115 @@ def run_ray(
         threads = worker_threads(p, in_process=False)
 
         def new_actor() -> Any:
-            return actor_cls.remote(backbone, p.dtype, p.device, threads)
+            return actor_cls.remote(backbone, p.dtype, p.device, threads, p.attn_implementation)
 
         key = _pool_key(p, backbone, threads)
         if _POOL["key"] != key:
             shutdown_pool()
             _POOL["key"] = key
         actors: list[Any] = _POOL["actors"]
-        wanted = min(p.workers, len(specs))
+        wanted = fit_workers(p, min(p.workers, len(specs)), ray.nodes())
+        # pooled actors beyond the fitted number would hold resources for nothing
+        for extra in actors[wanted:]:
+            ray.kill(extra, no_restart=True)
+        del actors[wanted:]
         while len(actors) < wanted:
             actors.append(new_actor())
         queue: deque[tuple[ShardSpec, int]] = deque((s, 0) for s in specs)
-        idle = list(range(wanted))
+        # an actor gets work only once its constructor has returned (it holds its resources and its
+        # backbone): a pending actor (no room on the cluster) must never hold a shard
+        starting: dict[Any, int] = {actors[i].__ray_ready__.remote(): i for i in range(wanted)}
+        idle: list[int] = []
         running: dict[Any, tuple[ShardSpec, int, int]] = {}
+        ever_ready = False
+        since = time.monotonic()
+        timeout = p.ray.actor_start_timeout_s
         while queue or running:
             while queue and idle:
                 spec, attempt = queue.popleft()
                 slot = idle.pop()
                 ref = actors[slot].run_shard.remote(asdict(spec), attempt)
                 running[ref] = (spec, attempt, slot)
-            ready, _ = ray.wait(list(running), num_returns=1)
+            waiting = list(running) + list(starting)
+            if not running:  # nothing computing: bound the wait for an actor to start
+                left = timeout - (time.monotonic() - since)
+                if left <= 0:
+                    names = ", ".join(f"worker {i}" for i in sorted(starting.values()))
+                    what = "no worker actor started" if not ever_ready else "no worker actor is left"
+                    raise EvalInputError(
+                        f"evaluate.ray: {what} within {timeout:g}s ({names} pending: the Ray cluster has no "
+                        f"room for {p.ray.actor_num_cpus:g} CPU / {p.ray.actor_num_gpus:g} GPU, or the actor "
+                        "cannot load the backbone); lower evaluate.workers or the per-actor resources"
+                    )
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=left)
+                if not ready:
+                    continue
+            else:
+                ready, _ = ray.wait(waiting, num_returns=1)
             ref = ready[0]
+            if ref in starting:
+                slot = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except Exception as err:  # the constructor raised, or the actor died while starting
+                    cause = getattr(err, "cause", None) or err
+                    _log(f"worker {slot} failed to start ({type(cause).__name__}: {cause}); not used")
+                    if not starting and not idle and not running:
+                        raise EvalInputError(
+                            f"evaluate.ray: no worker actor could start: {type(cause).__name__}: {cause}"
+                        ) from None
+                    continue
+                ever_ready = True
+                idle.append(slot)
+                continue
             spec, attempt, slot = running.pop(ref)
             try:
                 result = ray.get(ref)
             except RayActorError as err:  # the actor died (e.g. out of memory): replace it
                 ray.kill(actors[slot], no_restart=True)
                 actors[slot] = new_actor()
+                starting[actors[slot].__ray_ready__.remote()] = slot
+                since = time.monotonic()
                 error = f"worker died: {err}"
+                _log(f"worker {slot} died while computing {spec.key} ({_first_line(err)}); replacing it")
             except Exception as err:  # RayTaskError wrapping the shard's exception
                 cause = getattr(err, "cause", None) or err
+                if isinstance(cause, EvalInputError):
+                    raise EvalInputError(str(cause)) from None  # bad input: the same on every attempt
                 error = f"{type(cause).__name__}: {cause}"
+                idle.append(slot)
             else:
                 idle.append(slot)
                 on_result(spec, result)
                 continue
-            idle.append(slot)
             if attempt < p.max_retries:
+                _log(
+                    f"retrying {spec.key} (attempt {attempt + 2} of {p.max_retries + 1}) after it failed on "
+                    f"worker {slot}: {_first_line(error)}"
+                )
                 queue.append((spec, attempt + 1))
             else:
+                _log(
+                    f"giving up on {spec.key} after {p.max_retries + 1} attempts (worker {slot}): {_first_line(error)}"
+                )
                 failures[spec.key] = error
+        # actors still starting at the end never got work: do not keep them pending in the pool
+        for slot in starting.values():
+            ray.kill(actors[slot], no_restart=True)
+        if starting:
+            dead = set(starting.values())
+            actors[:] = [a for i, a in enumerate(actors) if i not in dead]
+    except BaseException:
+        if not started:
+            shutdown_pool()
+        raise
     finally:
         if started:
             shutdown_pool()
-            ray.shutdown()
+            _shutdown_ray()
     return failures
+
+
+def _first_line(error: Any) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

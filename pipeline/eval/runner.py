@@ -32,6 +32,7 @@ import json
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -82,6 +83,9 @@ class TaskEntry(BaseModel):
         name: output folder name (default: ``dataset``, or ``dataset-split`` when needed to be unique).
         limit: the first ``limit`` questions of the split (file order; None = all).
         conditions: conditions for this set (default: ``evaluate.conditions``).
+        scoring: ``official`` (the benchmark's own code, cleanup included) or ``delta-mem`` (the δ-mem
+            paper's evaluation code); not part of the prediction hash: a change re-scores the stored
+            predictions without generating again.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -92,11 +96,19 @@ class TaskEntry(BaseModel):
     name: str | None = None
     limit: int | None = Field(default=None, ge=1)
     conditions: list[str] | None = None
+    scoring: str = "official"
 
     @field_validator("conditions")
     @classmethod
     def _known(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else _check_conditions(v)
+
+    @field_validator("scoring")
+    @classmethod
+    def _scoring(cls, v: str) -> str:
+        from pipeline.eval.tasks import check_scoring
+
+        return check_scoring(v)
 
     @property
     def out_name(self) -> str:
@@ -111,7 +123,10 @@ class RayParams(BaseModel):
             ``$RAY_ADDRESS``, else a local cluster on 127.0.0.1.
         num_cpus: CPUs of the local cluster (default: all cores).
         object_store_mb: object store of the local cluster (results are small).
-        actor_num_cpus / actor_num_gpus: resources reserved per worker actor.
+        actor_num_cpus / actor_num_gpus: resources reserved per worker actor (``workers`` is reduced,
+            with a warning, to the actors the cluster's nodes can hold; none fitting is an error).
+        actor_start_timeout_s: how long the stage waits, with no shard running, for a worker actor to
+            start (backbone loaded) before it stops with an error.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -121,6 +136,7 @@ class RayParams(BaseModel):
     object_store_mb: int = Field(default=200, ge=80)
     actor_num_cpus: float = Field(default=1.0, gt=0)
     actor_num_gpus: float = Field(default=0.0, ge=0)
+    actor_start_timeout_s: float = Field(default=900.0, gt=0)
 
 
 class EvalParams(BaseModel):
@@ -138,7 +154,8 @@ class EvalParams(BaseModel):
         metrics_file: a second copy of the combined ``<out_dir>/metrics.json`` (relative to the params
             file) for ``dvc metrics``, outside the ``out_dir`` output.
         decoding: ``greedy`` (default) or ``paper`` (the tasks' paper settings; sampled examples run
-            one at a time with their seed).
+            one at a time with their seed; full-context ones continue from one prefill of their
+            conversation's shared prefix, like the greedy batches).
         max_new_tokens_cap: upper bound on any task's generation budget (report it).
         batch_size: questions per ``generate`` call.
         write_batch_size: histories written per ``write_memory`` call.
@@ -191,10 +208,18 @@ class EvalParams(BaseModel):
     max_retries: int = Field(default=2, ge=0)
     device: str = "auto"
     dtype: str = "float32"
+    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (deltamem.backbones)
     resume: bool = True
     seed: int = 0
     ray: RayParams = Field(default_factory=RayParams)
     inject_failures: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attn(cls, v: str) -> str:
+        from deltamem.backbones import check_attn_implementation
+
+        return check_attn_implementation(v)
 
     @field_validator("conditions")
     @classmethod
@@ -277,6 +302,7 @@ class ShardSpec:
     settings: dict[str, Any]
     config_hash: str = ""
     fail_attempts: int = 0
+    scoring: str = "official"  # the scoring protocol (outside config_hash: re-scored, not regenerated)
 
     @property
     def unit(self) -> str:
@@ -297,6 +323,7 @@ class Unit:
     name: str
     shards: list[ShardSpec] = field(default_factory=list)
     skipped: str | None = None
+    scoring: str = "official"
 
     @property
     def key(self) -> str:
@@ -352,6 +379,8 @@ def tree_digest(path: Path) -> str:
     if path.is_file():
         return file_digest(path)
     if not path.is_dir():
+        if path.is_absolute():  # never hash a machine's absolute path (results must survive a move)
+            raise FileNotFoundError(f"{path}: not found")
         return f"name:{path}"  # a hub id or `embedded`: identified by its name
     h = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
@@ -370,9 +399,193 @@ def resolve_path(root: Path, value: str) -> str:
     return str(candidate) if candidate.exists() else value
 
 
+def _describe_error(err: BaseException, path: Path | None = None) -> str:
+    """One line for an input error; names ``path`` unless the message already does."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, json.JSONDecodeError):
+        text = f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}"
+    elif isinstance(err, UnicodeDecodeError):
+        text = f"not UTF-8 text (byte {err.start}: {err.reason})"
+    if path is not None and str(path) not in text:
+        text = f"{path}: {text}"
+    return text
+
+
+def read_prepared_split(path: Path) -> list[Any]:
+    """:func:`pipeline.data.schema.read_split` with every input problem as an :class:`EvalInputError`
+    naming the file (and line / record / field where known)."""
+    from pipeline.data.errors import DataError
+    from pipeline.data.schema import contexts_path, read_split
+
+    try:
+        return read_split(path)
+    except DataError as err:
+        raise EvalInputError(str(err)) from None
+    except UnicodeDecodeError as err:  # raised while iterating: which of the two files?
+        bad = path
+        ctx = contexts_path(path)
+        if ctx.exists():
+            try:
+                ctx.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                bad = ctx
+        raise EvalInputError(_describe_error(err, bad)) from None
+    except OSError as err:
+        raise EvalInputError(_describe_error(err, path)) from None
+
+
+def check_manifest_count(data_dir: Path, dataset: str, split: str, path: Path, n: int) -> None:
+    """A split whose record count differs from what the prepare stage's manifest recorded is an error
+    (a truncated or replaced file would otherwise be evaluated silently on fewer questions)."""
+    manifest = data_dir / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EvalInputError(_describe_error(err, manifest)) from None
+    info = (
+        (data.get("datasets") or {}).get(dataset, {}).get("splits", {}).get(split) if isinstance(data, dict) else None
+    )
+    expected = info.get("examples") if isinstance(info, dict) else None
+    if isinstance(expected, int) and expected != n:
+        raise EvalInputError(
+            f"{path}: {n} records, but {manifest} lists {expected} for {dataset}/{split} "
+            "(a truncated or replaced file? rerun the prepare stage)"
+        )
+
+
+def _backbone_facts(folder: Path) -> dict[str, Any] | None:
+    """The shape facts of :func:`deltamem.attach.backbone_fingerprint` from a local Hugging Face folder's
+    ``config.json`` (and layer 0's q_proj statistics from its safetensors when found), without loading
+    the model; None when the folder has no readable config."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+        return None
+    head_dim = cfg.get("head_dim") or hidden // heads
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    facts: dict[str, Any] = {
+        "hidden_size": hidden,
+        "num_hidden_layers": cfg.get("num_hidden_layers"),
+        "q_out": heads * head_dim,
+        "kv_out": kv_heads * head_dim,
+        "o_in": heads * head_dim,
+    }
+    q = _layer0_q_weight(folder)
+    if q is not None:
+        facts["layer0_q_mean_abs"], facts["layer0_q_std"] = float(q.abs().mean()), float(q.std())
+    return facts
+
+
+def _layer0_q_weight(folder: Path) -> Any:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            names = [k for k in weight_map if k.endswith("layers.0.self_attn.q_proj.weight")]
+            files = [folder / weight_map[names[0]]] if names else []
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                    if k.endswith("layers.0.self_attn.q_proj.weight"):
+                        return st.get_tensor(k).float()
+    except Exception:  # an unreadable backbone is the worker's error to report; this is only a pre-check
+        return None
+    return None
+
+
+def check_adapter(path: Path, meta: Mapping[str, Any], backbone: Path | None) -> None:
+    """Planning-time check of an adapter folder: weights readable and finite, and (for a local backbone
+    folder) trained on that backbone. Raises :class:`EvalInputError` naming the file / tensor / field."""
+    import torch
+
+    from deltamem.adapter import FORMAT, UPSTREAM_WEIGHTS, WEIGHTS_FILE
+
+    ours = meta.get("format") == FORMAT
+    weights = path / (WEIGHTS_FILE if ours else UPSTREAM_WEIGHTS)
+    if not weights.is_file():
+        raise EvalInputError(f"{weights}: adapter weights not found")
+    try:
+        if ours:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(weights))
+        else:
+            raw = torch.load(weights, map_location="cpu", weights_only=True)  # never unpickles objects
+            tensors = raw if isinstance(raw, dict) else {}
+    except Exception as err:  # safetensors / torch raise their own error types for corrupt files
+        raise EvalInputError(f"{weights}: unreadable adapter weights ({_describe_error(err)})") from None
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise EvalInputError(f"{weights}: tensor {name!r} has {bad} non-finite value(s) (NaN/Inf)")
+    saved = meta.get("backbone")
+    facts = _backbone_facts(backbone) if ours and backbone is not None and isinstance(saved, Mapping) else None
+    if facts is None:
+        return
+    diffs = [
+        f"{k}: adapter {saved.get(k)!r} vs backbone {v!r}"
+        for k, v in facts.items()
+        if k in _SHAPE_FACTS and saved.get(k) != v
+    ]
+    for k in ("layer0_q_mean_abs", "layer0_q_std"):  # the weights' statistics: another checkpoint
+        a, b = saved.get(k), facts.get(k)
+        if isinstance(a, int | float) and b is not None and abs(a - b) > 2e-2 * max(abs(a), abs(b), 1e-12):
+            diffs.append(f"{k}: adapter {a:.6g} vs backbone {b:.6g}")
+    if diffs:
+        raise EvalInputError(
+            f"{path}: the adapter was trained on a different backbone than evaluate.backbone ({backbone}); "
+            "mismatch: " + "; ".join(diffs)
+        )
+
+
+def check_backbone_folder(folder: Path) -> None:
+    """A local backbone folder's ``config.json`` parses and every safetensors file's header is intact
+    (a truncated file fails here: its header no longer covers the file), before any worker loads it."""
+    from safetensors import safe_open
+
+    cfg = folder / "config.json"
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EvalInputError(f"backbone: {_describe_error(err, cfg)}") from None
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as err:  # SafetensorError, OSError
+            raise EvalInputError(f"backbone: {f}: unreadable safetensors file ({_describe_error(err)})") from None
+
+
+_SHAPE_FACTS = ("hidden_size", "num_hidden_layers", "q_out", "kv_out", "o_in")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` and write (then remove) a probe file, so that a read-only or full disk is found
+    before any shard is computed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        try:
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as err:
+        raise EvalInputError(f"{what} {folder}: not writable ({err.strerror or err})") from None
+
+
 def plan(p: EvalParams, root: Path) -> list[Unit]:
     """The units and their shards, with config hashes (reads the data splits and hashes the inputs)."""
-    from pipeline.data.schema import read_split
     from pipeline.eval.tasks import get_task
 
     backbone = resolve_path(root, p.backbone)
@@ -381,20 +594,34 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
         raise EvalInputError(
             f"backbone not found: {root / p.backbone} (run the backbone stage, or set evaluate.backbone)"
         )
+    if Path(backbone).is_dir():
+        check_backbone_folder(Path(backbone))
     backbone_digest = tree_digest(Path(backbone))
     adapter_cache: dict[str, tuple[str, str, str]] = {}
 
     def adapter_info(variant: str) -> tuple[str, str, str]:
         if variant not in adapter_cache:
             from deltamem import read_adapter_config
+            from deltamem.adapter import adapter_digest
 
             path = p.adapter_dir(root, variant)
             if not path.is_dir():
                 raise EvalInputError(
                     f"adapter of variant {variant!r} not found: {path} (train it, or set evaluate.adapters)"
                 )
-            config, _ = read_adapter_config(path)
-            adapter_cache[variant] = (str(path), tree_digest(path), config.write_mode)
+            try:
+                config, meta = read_adapter_config(path)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                from deltamem.adapter import CONFIG_FILE, UPSTREAM_CONFIG
+
+                named = path
+                if isinstance(err, ValueError | KeyError | TypeError):  # the config file's content
+                    named = path / (CONFIG_FILE if (path / CONFIG_FILE).is_file() else UPSTREAM_CONFIG)
+                if isinstance(err, KeyError):
+                    err = ValueError(f"missing field {err.args[0]!r}")
+                raise EvalInputError(f"adapter of variant {variant!r}: {_describe_error(err, named)}") from None
+            check_adapter(path, meta, Path(backbone) if Path(backbone).is_dir() else None)
+            adapter_cache[variant] = (str(path), adapter_digest(path), config.write_mode)  # weights + identity
         return adapter_cache[variant]
 
     units: list[Unit] = []
@@ -402,12 +629,23 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
         path = root / p.data_dir / entry.dataset / f"{entry.split}.jsonl"
         if not path.is_file():
             raise EvalInputError(f"{path}: prepared split not found (run the prepare stage)")
-        examples = read_split(path)
+        examples = read_prepared_split(path)
         if not examples:
             raise EvalInputError(f"{path}: no examples")
+        check_manifest_count(root / p.data_dir, entry.dataset, entry.split, path, len(examples))
         task_name = entry.task or examples[0].task
-        get_task(task_name)
-        data_digest = tree_digest(path) + tree_digest(path.with_name(f"{entry.split}.contexts.jsonl"))
+        try:
+            task = get_task(task_name)
+        except KeyError as err:
+            raise EvalInputError(f"{path}: {err.args[0]}") from None
+        try:
+            task.check_scoring_inputs(examples, entry.scoring, path.parent)
+        except ValueError as err:
+            raise EvalInputError(f"evaluate.tasks[{entry.out_name}] scoring {entry.scoring!r}: {err}") from None
+        contexts = path.with_name(f"{entry.split}.contexts.jsonl")
+        # an absent contexts file must not enter the hash by its (absolute) path: moving the
+        # repository would then recompute every shard
+        data_digest = tree_digest(path) + (tree_digest(contexts) if contexts.exists() else "no-contexts")
         chosen = examples[: entry.limit] if entry.limit else examples
         groups = group_conversations(chosen)
         donors = donor_map(examples)
@@ -415,7 +653,7 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
             cond = get_condition(cond_name)
             hashed_settings = p.prediction_settings(cond_name)
             for variant in p.variants if cond.uses_adapter else [BASE_VARIANT]:
-                unit = Unit(variant, cond_name, task_name, entry.out_name)
+                unit = Unit(variant, cond_name, task_name, entry.out_name, scoring=entry.scoring)
                 units.append(unit)
                 adapter = None
                 adapter_digest = None
@@ -443,6 +681,7 @@ def plan(p: EvalParams, root: Path) -> list[Unit]:
                         example_ids=ids,
                         donors=shard_donors,
                         settings=p.prediction_settings(),
+                        scoring=entry.scoring,
                     )
                     spec.config_hash = _hash(
                         {
@@ -548,7 +787,14 @@ class EvalWorker:
     Used in-process (``workers: 0``) and as the Ray actor class (:mod:`pipeline.eval.ray_runner`).
     """
 
-    def __init__(self, backbone: str, dtype: str = "float32", device: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        backbone: str,
+        dtype: str = "float32",
+        device: str = "auto",
+        threads: int | None = None,
+        attn_implementation: str = "auto",
+    ):
         import torch
 
         from deltamem.backbones import find_attention_layers, load_backbone
@@ -559,7 +805,9 @@ class EvalWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model, self.tokenizer = load_backbone(backbone, dtype=_torch_dtype(dtype))
+        self.model, self.tokenizer = load_backbone(
+            backbone, dtype=_torch_dtype(dtype), attn_implementation=attn_implementation, what="evaluate.backbone"
+        )
         self.model.to(self.device).eval()
         self.fmt = ChatFormat(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
@@ -588,8 +836,18 @@ class EvalWorker:
             return
         detach_delta_mem(self.model)
         self.write_mode = None
+        self.adapter = (None, None)
         if adapter is not None:
-            self.model = load_adapter(self.model, adapter)
+            import torch
+
+            try:
+                self.model = load_adapter(self.model, adapter)
+            except (OSError, ValueError, KeyError, TypeError) as err:  # an input problem: never retried
+                raise EvalInputError(f"adapter {adapter}: {_describe_error(err)}") from None
+            bad = [n for n, t in self.model.delta_mem.named_parameters() if not bool(torch.isfinite(t).all())]
+            if bad:
+                detach_delta_mem(self.model)
+                raise EvalInputError(f"adapter {adapter}: non-finite values (NaN/Inf) in {bad[:3]}")
             self.write_mode = self.model.delta_mem.config.write_mode
         self.adapter = (adapter, digest)
 
@@ -874,6 +1132,24 @@ class EvalWorker:
             leftovers: list[int] = []
             for key, _ in groups:
                 members = [i for i, it in enumerate(items) if it["key"] == key]
+                sampled = [i for i in members if items[i]["decoding"].do_sample]
+                if sampled:  # one question per generate call (own seed), all from one prefill
+                    prompts = [items[i]["ids"] for i in sampled]
+                    plen = _common_prefix(prompts)
+                    if len(sampled) < 2 or plen < s["prefix_min_tokens"]:
+                        leftovers.extend(sampled)
+                    else:
+                        prefix = self.prefill_prefix(prompts[0][:plen], online)
+                        for batch in batches(sampled):
+                            out = self.generate(
+                                [items[i]["ids"] for i in batch],
+                                items[batch[0]]["decoding"],
+                                prefix=prefix,
+                                write=online,
+                            )
+                            results.update(zip(batch, out, strict=True))
+                        prefix_tokens_reused += plen * (len(sampled) - 1)
+                    members = [i for i in members if not items[i]["decoding"].do_sample]
                 for batch in batches(members):
                     prompts = [items[i]["ids"] for i in batch]
                     plen = _common_prefix(prompts)
@@ -893,7 +1169,7 @@ class EvalWorker:
         for i, it in enumerate(items):
             e = it["example"]
             text, new_tokens = results[i]
-            row = task.score_row(e, text)
+            row = task.score_row(e, text, spec.scoring, Path(spec.data_path).parent)
             row.update(
                 conversation_id=it["key"],
                 question=e.question,
@@ -974,7 +1250,10 @@ def write_shard(out: Path, spec: ShardSpec, result: Mapping[str, Any]) -> None:
     """Predictions first, then the meta file (its presence with the right hash marks the shard done)."""
     rows_path, meta_path = shard_paths(out, spec)
     _atomic_write(rows_path, _jsonl(result["rows"]))
+    from pipeline.eval.tasks import scoring_id
+
     meta = {"key": spec.key, "config_hash": spec.config_hash, "rows": len(result["rows"]), "cost": result["cost"]}
+    meta["scoring"] = scoring_id(spec.scoring)  # what the rows were scored by
     _atomic_write(meta_path, json.dumps(_json_safe(meta), indent=2, sort_keys=True) + "\n")
 
 
@@ -990,7 +1269,29 @@ def read_shard(out: Path, spec: ShardSpec) -> dict[str, Any] | None:
         return None
     if len(rows) != meta.get("rows") or [r.get("example_id") for r in rows] != spec.example_ids:
         return None
-    return {"key": spec.key, "config_hash": spec.config_hash, "rows": rows, "cost": meta.get("cost", {})}
+    return {
+        "key": spec.key,
+        "config_hash": spec.config_hash,
+        "rows": rows,
+        "cost": meta.get("cost", {}),
+        "scoring": meta.get("scoring"),
+    }
+
+
+def rescore_shard(out: Path, spec: ShardSpec, stored: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+    """A stored shard scored again under ``spec.scoring`` from its stored predictions (nothing is
+    generated) and written back; ``cache``: data path → examples by id."""
+    from pipeline.data.schema import read_split
+    from pipeline.eval.tasks import get_task, rescore_rows
+
+    if spec.data_path not in cache:
+        cache[spec.data_path] = {e.example_id: e for e in read_split(Path(spec.data_path))}
+    rows = rescore_rows(
+        get_task(spec.task), stored["rows"], cache[spec.data_path], spec.scoring, Path(spec.data_path).parent
+    )
+    result = {**stored, "rows": rows}
+    write_shard(out, spec, result)
+    return result
 
 
 SUM_COSTS = (
@@ -1077,13 +1378,32 @@ def run_local(
     failures: dict[str, str] = {}
     if not specs:
         return failures
-    worker = worker or EvalWorker(backbone, p.dtype, p.device, worker_threads(p, in_process=True))
+    if worker is None:
+        try:
+            worker = EvalWorker(
+                backbone,
+                p.dtype,
+                p.device,
+                worker_threads(p, in_process=True),
+                attn_implementation=p.attn_implementation,
+            )
+        except OSError as err:  # missing / unreadable backbone files, offline hub: an input problem
+            raise EvalInputError(f"backbone {backbone}: {_describe_error(err)}") from None
     for spec in specs:
         for attempt in range(p.max_retries + 1):
             try:
                 result = worker.run_shard(spec, attempt)
+            except EvalInputError:
+                raise  # bad input fails the same way on every attempt: stop now (finished shards are kept)
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
+                if attempt < p.max_retries:
+                    print(
+                        f"evaluate: retrying {spec.key} (attempt {attempt + 2} of {p.max_retries + 1}) after: "
+                        f"{_describe_error(err)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 continue
             on_result(spec, result)
             break
@@ -1101,6 +1421,7 @@ class EvalSummary:
     skipped_units: dict[str, str]
     metrics: dict[str, dict[str, dict[str, Any]]]
     wall_s: float
+    rescored: list[str] = field(default_factory=list)  # reused shards scored again (scoring changed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1124,12 +1445,22 @@ def run_evaluate(
     out = root / p.out_dir
     units = plan(p, root)
     backbone = resolve_path(root, p.backbone)
+    check_writable(out, "evaluate.out_dir")  # before any shard is computed
+    if p.metrics_file:
+        check_writable((root / p.metrics_file).parent, "evaluate.metrics_file's folder")
     specs = [s for u in units for s in u.shards]
+    from pipeline.eval.tasks import scoring_id
+
     done: dict[str, dict[str, Any]] = {}
+    rescored: list[str] = []
+    examples_cache: dict[str, Any] = {}
     if p.resume:
         for s in specs:
             stored = read_shard(out, s)
             if stored is not None:
+                if stored.get("scoring") != scoring_id(s.scoring):
+                    stored = rescore_shard(out, s, stored, examples_cache)
+                    rescored.append(s.key)
                 done[s.key] = stored
     reused = list(done)
     todo = [s for s in specs if s.key not in done]
@@ -1148,7 +1479,11 @@ def run_evaluate(
             )
 
     if progress:
-        print(f"evaluate: {len(specs)} shards, {len(reused)} already done, {len(todo)} to compute", flush=True)
+        print(
+            f"evaluate: {len(specs)} shards, {len(reused)} already done ({len(rescored)} re-scored), "
+            f"{len(todo)} to compute",
+            flush=True,
+        )
     if p.workers == 0 or not todo:
         failures = run_local(todo, p, backbone, on_result, worker)
     else:
@@ -1168,6 +1503,7 @@ def run_evaluate(
         results = [done[s.key] for s in u.shards]
         rows = [r for res in results for r in res["rows"]]
         metrics = unit_metrics(u.task, rows, [res["cost"] for res in results], p)
+        metrics["scoring"] = u.scoring  # the protocol that produced these numbers (read by the report)
         folder = u.folder(out)
         _atomic_write(folder / PREDICTIONS, _jsonl(rows))
         _atomic_write(folder / METRICS, json.dumps(_json_safe(metrics), indent=2, sort_keys=True) + "\n")
@@ -1179,7 +1515,7 @@ def run_evaluate(
         extra = root / p.metrics_file
         extra.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(extra, json.dumps(_json_safe(combined), indent=2, sort_keys=True) + "\n")
-    summary = EvalSummary(computed, reused, skipped, combined, time.perf_counter() - t0)
+    summary = EvalSummary(computed, reused, skipped, combined, time.perf_counter() - t0, rescored)
     if log_mlflow:
         log_to_mlflow(p, units, out, summary)
     return summary
@@ -1231,7 +1567,13 @@ def log_to_mlflow(p: EvalParams, units: Sequence[Unit], out: Path, summary: Eval
             tags = {"stage": "evaluate", "variant": u.variant, "condition": u.condition, "task": u.task}
             with tracking.start_run(f"eval-{u.variant}-{u.condition}-{u.name}", tags=tags, nested=True):
                 tracking.log_params(
-                    {"variant": u.variant, "condition": u.condition, "task": u.task, "shards": len(u.shards)}
+                    {
+                        "variant": u.variant,
+                        "condition": u.condition,
+                        "task": u.task,
+                        "shards": len(u.shards),
+                        "scoring": u.scoring,
+                    }
                 )
                 tracking.log_metrics({tracking.metric_key(k): v for k, v in metrics.items()})
                 folder = u.folder(out)

@@ -9,13 +9,20 @@ What it computes (per task, over the *same questions* for every pair of conditio
 * a paired comparison (difference, ratio, sign-flip permutation p-value) of every δ-mem condition against
   every baseline and control (``deltamem_shuffled``: the same adapter reading *another* conversation's
   state — the check that δ-mem recalls rather than only formats);
+* the claims (``report.claims``, :class:`ClaimSpec`), each checked for every δ-mem variant: e.g. the
+  paper's ratio (``deltamem_full_context`` ÷ ``base_full_context``: the same prompt with and without
+  δ-mem) and recall (``deltamem_only`` vs ``deltamem_shuffled``); the caption says what each comparison
+  separates (:data:`SEPARATES`), and a claim whose conditions were not evaluated is listed as such;
+* ratios that are undefined (0/0: both conditions score nothing) are "n/a" everywhere (Markdown, HTML,
+  ``summary.json``, MLflow tags), never 1.00×;
 * per-category tables (LoCoMo's adversarial category is shown but is not in its headline);
 * training curves and held-out answer loss with the written / shuffled / no state;
-* a cost table: backbone tokens, wall time, peak memory, δ-mem state bytes vs KV-cache bytes.
+* a cost table: backbone tokens, wall time, peak memory, δ-mem state bytes (per variant) vs KV-cache bytes.
 
 Outputs (written to a temporary folder, then renamed into place): ``report.md``, ``report.html``
 (self-contained), ``results.md`` (the claims, headline and training tables, for the README), ``summary.json`` (flat numbers for ``dvc metrics``), ``plots/*.png`` and the
-``dvc plots`` data ``plots/headline.csv`` and ``plots/training/<variant>.csv``.
+``dvc plots`` data ``plots/headline.csv``, ``plots/memory.csv`` (δ-mem state bytes per task and variant beside
+the history's KV cache) and ``plots/training/<variant>.csv``.
 """
 
 from __future__ import annotations
@@ -28,17 +35,98 @@ import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.params import register_section
 
-from .collect import UnitResult, collect_eval, collect_train
+from .collect import BASE_VARIANT, UnitResult, collect_eval, collect_train
 from .document import Document, Heading, Image, Paragraph, Table
 from .stats import Interval, PairedComparison, mean_interval, paired_comparison
+
+# What a paired comparison of two conditions separates (same questions; they differ only as said here).
+SEPARATES: dict[tuple[str, str], str] = {
+    ("deltamem_full_context", "base_full_context"): "the same prompt holding the history, with and without "
+    "δ-mem (adapter + state written online while it reads): what δ-mem adds to a backbone that already reads "
+    "the history (the paper's ratio)",
+    ("deltamem_only", "deltamem_shuffled"): "the same adapter and the same question-only prompt, reading the "
+    "conversation's own state vs another conversation's: recall from the memory, separated from what the "
+    "adapter does whatever the state holds (answer format, priors)",
+    ("deltamem_only", "base_no_context"): "the same question-only prompt, adapter + the conversation's state vs "
+    "the frozen backbone: what adapter and memory add together (recall and answer format not separated: see "
+    "the shuffled control)",
+    ("deltamem_full_context", "base_no_context"): "history in the prompt + δ-mem vs the question alone: favours "
+    "any prompt that holds the history, so it does not separate δ-mem from reading the history (on tasks "
+    "without a history, e.g. IFEval and GPQA, both prompts are the question and it is the paper's ratio)",
+    ("deltamem_only", "base_full_context"): "the conversation's state instead of the history in the prompt: "
+    "how much of the history the fixed-size state carries",
+    ("deltamem_only", "rag_bm25"): "the conversation's state vs BM25-retrieved history segments in the prompt",
+    ("deltamem_full_context", "deltamem_shuffled"): "different prompts (history vs question only) and states: "
+    "favours the prompt holding the history; it does not separate recall",
+}
+
+
+def separates(deltamem: str, versus: str) -> str:
+    """What comparing ``deltamem`` with ``versus`` isolates (a generic line for pairs not in :data:`SEPARATES`)."""
+    from pipeline.eval.conditions import CONDITIONS
+
+    if (deltamem, versus) in SEPARATES:
+        return SEPARATES[(deltamem, versus)]
+    d, v = CONDITIONS.get(deltamem), CONDITIONS.get(versus)
+    dd, vd = (d.description if d else deltamem), (v.description if v else versus)
+    return f"{dd} vs {vd} (same questions)"
+
+
+class ClaimSpec(BaseModel):
+    """One claim checked for every δ-mem variant (an item of ``report.claims``).
+
+    Attributes:
+        deltamem: the δ-mem condition claimed to score higher (every evaluated variant is checked).
+        versus: the condition it is compared with: a baseline (variant ``base``) or a δ-mem condition
+            (then the same variant's, e.g. the ``deltamem_shuffled`` control).
+        name: a short name for the report (e.g. ``paper ratio``, ``recall``); default ``deltamem > versus``.
+        tasks: only these tasks (output names); default every task where both conditions were evaluated.
+            A listed task (or a variant) without both conditions is reported as not evaluated.
+        separates: the caption line saying what the comparison isolates (default: :data:`SEPARATES`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    deltamem: str
+    versus: str
+    name: str | None = None
+    tasks: list[str] | None = None
+    separates: str | None = None
+
+    @field_validator("deltamem", "versus")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.eval.conditions import CONDITIONS
+
+        if v not in CONDITIONS:
+            raise ValueError(f"unknown condition {v!r}; known conditions: {', '.join(CONDITIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _deltamem(self) -> ClaimSpec:
+        from pipeline.eval.conditions import CONDITIONS
+
+        if not CONDITIONS[self.deltamem].uses_adapter:
+            raise ValueError(f"deltamem: {self.deltamem!r} is not a δ-mem condition")
+        if self.deltamem == self.versus:
+            raise ValueError("deltamem and versus are the same condition")
+        return self
+
+    @property
+    def title(self) -> str:
+        return self.name or f"{self.deltamem} > {self.versus}"
+
+    @property
+    def caption(self) -> str:
+        return self.separates or separates(self.deltamem, self.versus)
 
 
 class ReportParams(BaseModel):
@@ -50,7 +138,9 @@ class ReportParams(BaseModel):
         reference: the condition ratios are taken against (the frozen backbone without the history).
         baselines: the non-δ-mem conditions; "best baseline" is the highest-scoring of them per task.
         controls: δ-mem controls compared against but never claimed (the shuffled-state condition).
-        claim: the δ-mem condition whose claims head the report.
+        claims: the claims that head the report (:class:`ClaimSpec`), each checked for every variant.
+        claim: used only when ``claims`` is not given: then the claims are ``claim`` > ``reference`` and
+            ``claim`` > each control.
         bootstrap / permutations / confidence / seed: the statistics (see :mod:`pipeline.report.stats`).
         title: the report's title.
     """
@@ -65,11 +155,18 @@ class ReportParams(BaseModel):
     baselines: list[str] = Field(default_factory=lambda: ["base_no_context", "base_full_context", "rag_bm25"])
     controls: list[str] = Field(default_factory=lambda: ["deltamem_shuffled"])
     claim: str = "deltamem_only"
+    claims: list[ClaimSpec] | None = None
     bootstrap: int = Field(default=2000, ge=100)
     permutations: int = Field(default=10000, ge=100)
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
     seed: int = 0
     title: str = "δ-mem report"
+
+    def claim_specs(self) -> list[ClaimSpec]:
+        """``claims``, or the ones derived from ``claim``/``reference``/``controls``."""
+        if self.claims is not None:
+            return list(self.claims)
+        return [ClaimSpec(deltamem=self.claim, versus=v) for v in [self.reference, *self.controls] if v != self.claim]
 
 
 register_section("report", ReportParams)
@@ -84,11 +181,40 @@ def fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
-def fmt_ratio(x: float) -> str:
-    return "–" if math.isnan(x) else ("∞" if math.isinf(x) and x > 0 else f"{fmt(x, 2)}×")
+NA = "n/a"  # an undefined ratio (0/0: both conditions score nothing), in every output
+
+
+def fmt_ratio(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return NA if math.isnan(x) else ("∞" if math.isinf(x) and x > 0 else f"{fmt(x, 2)}×")
+
+
+def mean_defined(values: Sequence[float]) -> float:
+    """Mean of the defined (non-NaN) ratios; NaN when none is defined."""
+    defined = [v for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def json_value(x: Any) -> Any:
+    """A summary number for JSON: NaN → "n/a" (undefined ratio), ±∞ → None, others as they are."""
+    if isinstance(x, float) and math.isnan(x):
+        return NA
+    if isinstance(x, float) and math.isinf(x):
+        return None
+    return x
+
+
+def mlflow_payload(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) for MLflow: numbers as metrics; "n/a" values (no number to log) as tags."""
+    metrics = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and math.isfinite(v)}
+    tags = {k: NA for k, v in summary.items() if v == NA}
+    return metrics, tags
 
 
 def fmt_interval(iv: Interval, digits: int = 3, ratio: bool = False) -> str:
+    if ratio and math.isnan(iv.value):
+        return NA
     f = fmt_ratio if ratio else (lambda v: fmt(v, digits))
     return f"{f(iv.value)} [{f(iv.low)}, {f(iv.high)}]"
 
@@ -260,27 +386,44 @@ def _plot_training(train: Sequence[Any], path: Path) -> bool:
     return True
 
 
-def _plot_memory(units: Sequence[UnitResult], path: Path) -> bool:
-    pts = [
-        (u.task, u.metrics.get("cost/state_bytes"), u.metrics.get("cost/kv_bytes_history"))
-        for u in units
-        if u.condition.startswith("deltamem") and u.metrics.get("cost/state_bytes")
+def memory_rows(units: Sequence[UnitResult]) -> list[dict[str, Any]]:
+    """Per (task, variant): the δ-mem state bytes (variants differ: MSW keeps several sub-states) beside the
+    KV cache of the task's history; the rows of ``plots/memory.csv`` and of the memory plot."""
+    state: dict[tuple[str, str], float] = {}
+    kv: dict[str, float] = {}
+    for u in units:
+        k = u.metrics.get("cost/kv_bytes_history")
+        if isinstance(k, int | float) and math.isfinite(k) and k > 0:
+            kv[u.task] = max(kv.get(u.task, 0.0), float(k))
+        s_bytes = u.metrics.get("cost/state_bytes")
+        if u.is_deltamem and isinstance(s_bytes, int | float) and math.isfinite(s_bytes) and s_bytes > 0:
+            state[(u.task, u.variant)] = max(state.get((u.task, u.variant), 0.0), float(s_bytes))
+    return [
+        {"task": t, "variant": v, "state_bytes": b, "kv_bytes_history": kv[t]}
+        for (t, v), b in sorted(state.items())
+        if t in kv
     ]
-    pts = [(t, s, k) for t, s, k in pts if k and not math.isnan(k)]
-    if not pts:
+
+
+def _plot_memory(rows: Sequence[dict[str, Any]], path: Path) -> bool:
+    if not rows:
         return False
-    per_task: dict[str, tuple[float, float]] = {}
-    for t, s, k in pts:
-        per_task.setdefault(t, (s, k))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 3.2))
-    names = sorted(per_task)
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [per_task[n][0] for n in names], width=0.4, label="δ-mem state")
-    ax.bar([x + 0.2 for x in xs], [per_task[n][1] for n in names], width=0.4, label="KV cache of the history")
+    tasks = sorted({r["task"] for r in rows})
+    variants = sorted({r["variant"] for r in rows})
+    width = 0.8 / (len(variants) + 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) * (len(variants) + 1)), 3.4))
+    for i, v in enumerate(variants):
+        xs = [x for x, t in enumerate(tasks) if any(r["task"] == t and r["variant"] == v for r in rows)]
+        ys = [next(r["state_bytes"] for r in rows if r["task"] == tasks[x] and r["variant"] == v) for x in xs]
+        ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], ys, width=width, label=f"δ-mem state {v}")
+    kv = [next(r["kv_bytes_history"] for r in rows if r["task"] == t) for t in tasks]
+    ax.bar(
+        [x + 0.4 - width / 2 for x in range(len(tasks))], kv, width=width, color="gray", label="KV cache of the history"
+    )
     ax.set_yscale("log")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(names)
+    ax.set_xticks(list(range(len(tasks))))
+    ax.set_xticklabels(tasks)
     ax.set_ylabel("bytes per conversation (log)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -305,36 +448,65 @@ def _summary(a: Analysis, train: Sequence[Any], p: ReportParams) -> dict[str, An
         out[f"{key}/p_value"] = c.stats.p_value
     for label in {lb for lb, _ in a.vs_reference}:
         ratios = [st.ratio.value for (lb, _), st in a.vs_reference.items() if lb == label]
-        out[f"{label}/mean_ratio_vs_{p.reference}"] = sum(ratios) / len(ratios)
+        out[f"{label}/mean_ratio_vs_{p.reference}"] = mean_defined(ratios)
     for t in train:
         for k, v in t.metrics.items():
             if isinstance(v, int | float):
                 out[f"train/{t.variant}/{k}"] = v
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in sorted(out.items())}
+    return {k: json_value(v) for k, v in sorted(out.items())}
+
+
+def _label(variant: str, condition: str) -> str:
+    return condition if variant == BASE_VARIANT else f"{variant}/{condition}"
 
 
 def claims(a: Analysis, p: ReportParams) -> list[dict[str, Any]]:
-    """The checked statements that head the report: the claim condition vs the reference and the controls."""
+    """The checked statements that head the report: every claim of :meth:`ReportParams.claim_specs`, for
+    every δ-mem variant, on its tasks. A row with ``evaluated: False`` (``holds: None``) names a claim whose
+    two conditions were not both evaluated for that variant and task."""
+    from pipeline.eval.conditions import CONDITIONS
+
+    units = {(u.variant, u.condition, u.task): u for u in a.units if u.scores}
+    done = {(c.deltamem.label, c.other.label, c.deltamem.task): c.stats for c in a.comparisons}
+    variants = sorted({u.variant for u in a.units if u.is_deltamem})
     out = []
-    for c in a.comparisons:
-        if c.deltamem.condition != p.claim or (
-            c.other.condition != p.reference and c.other.condition not in p.controls
-        ):
-            continue
-        st = c.stats
-        holds = st.difference.low > 0 and st.ratio.excludes(1.0)
-        out.append(
-            {
-                "task": c.deltamem.task,
-                "deltamem": c.deltamem.label,
-                "versus": c.other.label,
-                "n": st.n,
-                "ratio": st.ratio,
-                "difference": st.difference,
-                "p_value": st.p_value,
-                "holds": bool(holds),
-            }
-        )
+    for spec in p.claim_specs():
+        same_variant = CONDITIONS[spec.versus].uses_adapter
+        tasks = spec.tasks or [
+            t
+            for t in a.tasks
+            if any(k[1] == spec.deltamem and k[2] == t for k in units)
+            and any(k[1] == spec.versus and k[2] == t for k in units)
+        ]
+        for task in tasks:
+            for variant in variants:
+                other_variant = variant if same_variant else BASE_VARIANT
+                d = units.get((variant, spec.deltamem, task))
+                o = units.get((other_variant, spec.versus, task))
+                row: dict[str, Any] = {
+                    "claim": spec.title,
+                    "separates": spec.caption,
+                    "task": task,
+                    "variant": variant,
+                    "deltamem": _label(variant, spec.deltamem),
+                    "versus": _label(other_variant, spec.versus),
+                }
+                st = None
+                if d is not None and o is not None:
+                    st = done.get((d.label, o.label, task)) or paired(d, o, p)
+                if st is None:
+                    row.update(evaluated=False, holds=None)
+                    out.append(row)
+                    continue
+                row.update(
+                    evaluated=True,
+                    n=st.n,
+                    ratio=st.ratio,
+                    difference=st.difference,
+                    p_value=st.p_value,
+                    holds=bool(st.difference.low > 0 and st.ratio.excludes(1.0)),
+                )
+                out.append(row)
     return out
 
 
@@ -357,10 +529,13 @@ def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: di
         doc.add(Heading("Claims checked"))
         rows = []
         for c in cl:
+            head = [c["claim"], c["task"], f"`{c['deltamem']}` > `{c['versus']}`"]
+            if not c["evaluated"]:
+                rows.append([*head, "–", "–", "–", "–", "not evaluated"])
+                continue
             rows.append(
                 [
-                    c["task"],
-                    f"`{c['deltamem']}` > `{c['versus']}`",
+                    *head,
                     str(c["n"]),
                     fmt_interval(c["ratio"], ratio=True),
                     fmt_interval(c["difference"]),
@@ -368,19 +543,28 @@ def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: di
                     "**yes**" if c["holds"] else "no",
                 ]
             )
+        specs = dict.fromkeys(
+            (c["claim"], c["separates"], c["deltamem"].split("/")[-1], c["versus"].split("/")[-1]) for c in cl
+        )
+        what = " ".join(f"**{t}** (`{d}` vs `{v}`): {s}." for t, s, d, v in specs)
         doc.add(
             Table(
-                ["task", "claim", "n", f"ratio [{conf} CI]", f"difference [{conf} CI]", "p", "holds"],
+                ["claim", "task", "comparison", "n", f"ratio [{conf} CI]", f"difference [{conf} CI]", "p", "holds"],
                 rows,
                 caption=f"A claim holds when the {conf} interval of the difference lies above 0 (then the ratio's "
-                "interval excludes 1.0×). Against `deltamem_shuffled` (the same adapter reading another conversation's "
-                "state) it separates recall from learning the answer format.",
-                align_right_from=2,
+                f"interval excludes 1.0×); n/a: 0/0, both score nothing. What each comparison separates — {what}",
+                align_right_from=3,
             )
         )
     # --- headline
     doc.add(Heading("Headline scores"))
-    header = ["condition"] + [f"{t} ({next(u.metric for u in a.units if u.task == t)})" for t in a.tasks]
+
+    def _scoring(t: str) -> str:  # the scoring protocol(s) behind the task's numbers (evaluate's metrics.json)
+        return "/".join(sorted({str(u.metrics.get("scoring") or "official") for u in a.units if u.task == t}))
+
+    header = ["condition"] + [
+        f"{t} ({next(u.metric for u in a.units if u.task == t)}, scoring {_scoring(t)})" for t in a.tasks
+    ]
     rows = []
     for lb in a.labels:
         row = [f"`{lb}`"]
@@ -388,7 +572,14 @@ def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: di
             iv = a.intervals.get((lb, t))
             row.append(fmt_interval(iv) if iv else "–")
         rows.append(row)
-    doc.add(Table(header, rows, caption=f"Mean headline score [{conf} CI] per task."))
+    doc.add(
+        Table(
+            header,
+            rows,
+            caption=f"Mean headline score [{conf} CI] per task; `scoring` names the protocol that scored it "
+            "(`official`: the benchmark's own code; `delta-mem`: the δ-mem paper's; docs/EVALUATION.md).",
+        )
+    )
     if "headline" in plots:
         doc.add(Image(plots["headline"], "Headline scores with 95% intervals", os.path.relpath(plots["headline"], out)))
     # --- every overall metric of the task, not only the headline
@@ -440,11 +631,13 @@ def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: di
                     ]
                 )
             if len(ratios_ref) > 1:
-                rows.append([f"`{lb}`", "**mean over tasks**", fmt_ratio(sum(ratios_ref) / len(ratios_ref)), "", ""])
+                rows.append([f"`{lb}`", "**mean over tasks**", fmt_ratio(mean_defined(ratios_ref)), "", ""])
         doc.add(
             Table(
                 ["δ-mem condition", "task", f"÷ `{p.reference}` [{conf} CI]", "best baseline", f"÷ best [{conf} CI]"],
                 rows,
+                caption="Ratios of headline scores on the same questions; n/a: 0/0 (both score nothing), left out of "
+                "the mean over tasks; ∞: only the baseline scores nothing.",
                 align_right_from=2,
             )
         )
@@ -572,7 +765,7 @@ def build_document(a: Analysis, train: Sequence[Any], p: ReportParams, plots: di
         )
     )
     if "memory" in plots:
-        doc.add(Image(plots["memory"], "δ-mem state vs KV cache", os.path.relpath(plots["memory"], out)))
+        doc.add(Image(plots["memory"], "δ-mem state per variant vs KV cache", os.path.relpath(plots["memory"], out)))
     return doc
 
 
@@ -601,7 +794,8 @@ def excerpt(doc: Document, headings: Sequence[str]) -> Document:
 class ReportResult:
     out_dir: Path
     summary: dict[str, Any]
-    claims: list[dict[str, Any]]
+    claims: list[dict[str, Any]]  # the evaluated claims (see :func:`claims`)
+    not_evaluated: list[dict[str, Any]] = field(default_factory=list)  # claims whose conditions are missing
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -629,8 +823,10 @@ def run_report(p: ReportParams, root: Path) -> ReportResult:
         plots["headline"] = plots_dir / "headline.png"
         if _plot_training(train, plots_dir / "training.png"):
             plots["training"] = plots_dir / "training.png"
-        if _plot_memory(units, plots_dir / "memory.png"):
+        mem_rows = memory_rows(units)
+        if _plot_memory(mem_rows, plots_dir / "memory.png"):
             plots["memory"] = plots_dir / "memory.png"
+            _write_csv(plots_dir / "memory.csv", mem_rows)
         _write_csv(
             plots_dir / "headline.csv",
             [
@@ -646,7 +842,8 @@ def run_report(p: ReportParams, root: Path) -> ReportResult:
         (tmp / "report.html").write_text(doc.to_html())
         (tmp / "results.md").write_text(excerpt(doc, RESULTS_SECTIONS).to_markdown())
         summary = _summary(a, train, p)
-        cl = claims(a, p)
+        every = claims(a, p)
+        cl = [c for c in every if c["evaluated"]]
         summary_out = {
             **summary,
             **{f"claim/{c['deltamem']}/{c['task']}/gt/{c['versus']}": int(c["holds"]) for c in cl},
@@ -660,4 +857,4 @@ def run_report(p: ReportParams, root: Path) -> ReportResult:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ReportResult(final, summary_out, cl)
+    return ReportResult(final, summary_out, cl, [c for c in every if not c["evaluated"]])

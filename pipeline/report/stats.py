@@ -9,7 +9,8 @@ scores x_i (δ-mem) and y_i (a baseline), i = 1…n, we resample question indice
 * Ratio (how the paper reports δ-mem, "1.10× the backbone"): ρ_b = mean(x[I_b]) / mean(y[I_b]) →
   interval of ρ = x̄ / ȳ. A resample whose baseline mean is 0 gives ρ_b = +∞ when its δ-mem mean is > 0
   and 1 when both are 0 (equal scores), so "the interval excludes 1.0×" keeps its meaning when the
-  baseline scores nothing.
+  baseline scores nothing. The ratio itself is undefined when x̄ = ȳ = 0 (0/0: both score nothing): then
+  ρ and its interval are NaN, which every output shows as "n/a", never as 1.00×.
 * Paired permutation (sign-flip) test of H0 "the two conditions are exchangeable per question": with
   d_i = x_i − y_i, the statistic |mean(s ⊙ d)| over random signs s ∈ {±1}^n (all 2^n when n ≤ 16);
   p = (1 + #{|T_b| ≥ |T_obs|}) / (1 + B), two-sided.
@@ -64,9 +65,9 @@ def _as_array(values: Sequence[float], name: str) -> np.ndarray:
 
 
 def ratio(num: float, den: float) -> float:
-    """``num / den`` with ``x/0 = +∞`` for x > 0 and ``0/0 = 1`` (equal scores)."""
+    """``num / den`` with ``x/0 = +∞`` for x > 0 and ``0/0 = NaN`` (undefined: shown as "n/a")."""
     if den == 0:
-        return math.inf if num > 0 else (1.0 if num == 0 else -math.inf)
+        return math.inf if num > 0 else (math.nan if num == 0 else -math.inf)
     return num / den
 
 
@@ -117,7 +118,7 @@ def paired_comparison(
         mean_x=x_bar,
         mean_y=y_bar,
         difference=Interval(x_bar - y_bar, d_lo, d_hi, confidence),
-        ratio=Interval(ratio(x_bar, y_bar), r_lo, r_hi, confidence),
+        ratio=Interval(*((math.nan,) * 3 if x_bar == y_bar == 0 else (ratio(x_bar, y_bar), r_lo, r_hi)), confidence),
         p_value=sign_flip_p_value(xa - ya, permutations, seed),
     )
 

@@ -38,43 +38,20 @@ Gradient checkpointing (``optim.gradient_checkpointing``) uses δ-mem's own stat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib
 import json
 import logging
 import os
-import random
-import shutil
 import socket
 import sys
-import time
-import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deltamem import DeltaMemConfig, attach_delta_mem
-from deltamem.adapter import save_adapter
-from pipeline.data.tokenize import PackedExample
-from pipeline.train.trainer import (
-    CKPT_PREFIX,
-    EpisodeSampler,
-    TrainConfig,
-    TrainResult,
-    _checkpoints,
-    _rng_state,
-    _set_rng_state,
-    answer_loss,
-    collate_episodes,
-    episode_logits,
-    lr_lambda,
-    run_fingerprint,
-    training_summary,
-)
+from pipeline.train.trainer import Backend, CheckpointError, TrainConfig, answer_loss, episode_logits
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DS_CONFIG = REPO_ROOT / "cluster" / "deepspeed" / "zero2.json"
@@ -189,7 +166,7 @@ class EpisodeObjective(nn.Module):
         return surrogate * world
 
 
-# --- the training loop ---------------------------------------------------------------------------------
+# --- the backend of the training loop ------------------------------------------------------------------
 def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -198,179 +175,79 @@ def _rank_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
+class DeepSpeedBackend(Backend):
+    """:class:`~pipeline.train.trainer.Backend` for DeepSpeed ZeRO-2 data parallelism over the process group.
 
-    dist.barrier()
-
-
-def _save_checkpoint(
-    engine: Any, model: nn.Module, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep: int, rank: int
-) -> Path:
-    """All ranks write their ZeRO shard into a temporary directory; rank 0 adds the adapter and the trainer
-    state and renames it into place (a crash never leaves a half-written ``step-NNNNNN``)."""
-    final = ckpt_dir / f"{CKPT_PREFIX}{step:06d}"
-    tmp = ckpt_dir / f".tmp-{CKPT_PREFIX}{step:06d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
-    if rank == 0:
-        save_adapter(model, tmp / "adapter")
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in _checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def train_distributed(
-    model: Any,
-    episodes: Sequence[PackedExample],
-    pad_id: int,
-    config: DeltaMemConfig,
-    cfg: TrainConfig,
-    out_dir: str | os.PathLike,
-    ds_config: dict[str, Any] | str | os.PathLike | None = None,
-    resume: str = "auto",
-    on_step: Callable[[dict[str, float]], None] | None = None,
-    stop_after: int | None = None,
-    progress: bool = True,
-    fingerprint: dict[str, Any] | None = None,
-) -> TrainResult:
-    """:func:`pipeline.train.trainer.train`, data-parallel under DeepSpeed; call it on every rank.
-
-    ``model`` (the backbone, on this rank's device; δ-mem is attached here) and ``episodes`` must be the same
-    on every rank. Returns the same :class:`TrainResult` on every rank; rank 0 writes the files.
+    ``forward`` runs the :class:`EpisodeObjective` inside DeepSpeed's engine; ``backward`` is
+    ``engine.backward`` + ``engine.step`` (DeepSpeed steps optimizer and schedule at the accumulation
+    boundary only, and clips there); a checkpoint holds every rank's ZeRO shard (frozen weights excluded) and
+    the LR schedule, next to the adapter and trainer state that rank 0 writes.
     """
-    import deepspeed
-    from tqdm.auto import tqdm
 
-    rank, world = _rank_world()
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if getattr(model, "delta_mem", None) is None:
-        model = attach_delta_mem(model, config)
-    if cfg.gradient_checkpointing:
-        model.delta_mem.enable_gradient_checkpointing()
-    params = model.delta_mem.parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ds = deepspeed_config(DEFAULT_DS_CONFIG if ds_config is None else ds_config, cfg, world)
-    objective = EpisodeObjective(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=objective, model_parameters=params, optimizer=opt, lr_scheduler=sched, config=ds
-    )
-    objective.eval()  # frozen backbone: no dropout; δ-mem has no dropout either
-    sampler = EpisodeSampler(len(episodes), cfg.seed)
-    step, history, tokens_seen, elapsed = 0, [], 0, 0.0
+    name = "deepspeed"
 
-    extra = {"launcher": "deepspeed", "world_size": world, "zero_stage": ds["zero_optimization"]["stage"]}
-    fingerprint = run_fingerprint(config, cfg, len(episodes), {**extra, **(fingerprint or {})})
-    if resume not in ("auto", "never"):
-        raise ValueError(f"resume={resume!r}; allowed: auto, never")
-    _barrier()
-    existing = _checkpoints(ckpt_dir) if resume == "auto" else []
-    state = None
-    if existing:
-        state = torch.load(existing[-1] / "trainer_state.pt", map_location="cpu", weights_only=True)
-        stale = json.loads(state.get("fingerprint", "null")) != fingerprint
-        _barrier()  # every rank has read it before rank 0 may remove it
-        if stale:
-            if rank == 0:
-                warnings.warn(f"ignoring checkpoints in {ckpt_dir}: written by a run with other settings", stacklevel=2)
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-            state = None
-            _barrier()
-    if state is not None:
-        load_path, _ = engine.load_checkpoint(
-            str(existing[-1] / "deepspeed"), tag=DS_TAG, load_module_strict=False, load_lr_scheduler_states=True
+    def __init__(self, ds_config: dict[str, Any] | str | os.PathLike | None = None, private_dirs: bool = False) -> None:
+        self.rank, self.world = _rank_world()
+        self.ds_template = DEFAULT_DS_CONFIG if ds_config is None else ds_config
+        self.private_dirs = private_dirs
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def setup(self, model: Any, params: list[nn.Parameter], cfg: TrainConfig) -> None:
+        import deepspeed
+
+        super().setup(model, params, cfg)  # the AdamW and LambdaLR that DeepSpeed wraps
+        self.device = next(model.parameters()).device  # nccl all-reduces CUDA tensors only
+        self.ds = deepspeed_config(self.ds_template, cfg, self.world)
+        self.objective = EpisodeObjective(model, cfg)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.objective, model_parameters=params, optimizer=self.opt, lr_scheduler=self.sched, config=self.ds
+        )
+        self.objective.eval()  # frozen backbone: no dropout; δ-mem has no dropout either
+
+    def describe(self) -> dict[str, Any]:
+        return {"launcher": "deepspeed", "world_size": self.world, "zero_stage": self.ds["zero_optimization"]["stage"]}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.engine(batch)
+        return loss, dict(self.objective.last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # steps the optimizer and the schedule at the accumulation boundary only
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def step(self) -> None:
+        pass  # done by engine.step() at the last micro-batch
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        self.engine.save_checkpoint(
+            str(directory / "deepspeed"), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True
+        )
+        return {}
+
+    def load(self, directory: Path, state: dict[str, Any]) -> None:
+        load_path, _ = self.engine.load_checkpoint(
+            str(directory / "deepspeed"), tag=DS_TAG, load_module_strict=False, load_lr_scheduler_states=True
         )
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {existing[-1]}")
-        sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
-        step, history = int(state["step"]), list(state["history"])
-        tokens_seen, elapsed = int(state["tokens_seen"]), float(state["elapsed"])
-        if rank == 0:
-            print(f"resumed from {existing[-1]} at step {step}", file=sys.stderr, flush=True)
-
-    b = cfg.batch_size
-    bar = tqdm(
-        total=cfg.steps,
-        initial=step,
-        desc=f"δ-mem train ×{world}",
-        disable=not progress or rank != 0,
-        dynamic_ncols=True,
-    )
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr = float(engine.get_lr()[0])
-        loss_sum = ce_sum = 0.0
-        tokens = 0
-        for _ in range(cfg.grad_accum):
-            mine = sampler.take(b * world)[rank * b : (rank + 1) * b]
-            batch = collate_episodes([episodes[i] for i in mine], pad_id)
-            loss = engine(batch)
-            engine.backward(loss)
-            engine.step()  # steps the optimizer and the schedule at the accumulation boundary only
-            loss_sum += objective.last["loss"] / cfg.grad_accum
-            ce_sum += objective.last["answer_ce"] / cfg.grad_accum
-            tokens += int(objective.last["tokens"])
-        norm = engine.get_global_grad_norm()
-        step += 1
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        tokens_seen += tokens
-        row = {
-            "step": step,
-            "loss": loss_sum,
-            "answer_ce": ce_sum,
-            "lr": lr,
-            "grad_norm": float(norm) if norm is not None else float("nan"),
-            "tokens_per_s": tokens / dt,
-        }
-        history.append(row)
-        if on_step is not None and step % cfg.log_every == 0:
-            on_step(row)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
-        bar.update(1)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            trainer_state = {
-                "sampler": sampler.state_dict(),
-                "rng": _rng_state(),
-                "step": step,
-                "history": history,
-                "tokens_seen": tokens_seen,
-                "elapsed": elapsed,
-                "fingerprint": json.dumps(fingerprint),
-            }
-            _save_checkpoint(engine, model, ckpt_dir, step, trainer_state, cfg.keep_checkpoints, rank)
-        if stop_after is not None and step >= stop_after:
-            bar.close()
-            return TrainResult(out_dir / "adapter", {"stopped_at": step}, history)
-    bar.close()
-    summary = {
-        **training_summary(history, step, tokens_seen, elapsed, step * cfg.grad_accum * b * world, params),
-        "world_size": world,
-        "global_batch": b * cfg.grad_accum * world,
-        "zero_stage": ds["zero_optimization"]["stage"],
-    }
-    if rank == 0:
-        save_adapter(model, out_dir / "adapter", extra={"training": summary})
-        (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume a killed run
-    _barrier()
-    return TrainResult(out_dir / "adapter", summary, history)
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {directory}")
 
 
 # --- the launcher entry --------------------------------------------------------------------------------
@@ -386,15 +263,22 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     Returns (rank, world size, this rank's device): ``cuda:LOCAL_RANK`` with nccl when CUDA is available and
     ``device`` is not ``cpu``, else the CPU with gloo.
     """
-    import deepspeed
-
     if "RANK" not in os.environ:  # a plain `python -m pipeline.train.distributed`: one rank
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    return join_deepspeed(torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def join_deepspeed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Initialise DeepSpeed's communication for this rank (over the torch process group when one exists:
+    Ray Train makes it; else from the torchrun environment): nccl on CUDA, gloo on CPU."""
+    import deepspeed
+
+    use_cuda = device.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device)
     elif os.environ.get("DELTAMEM_DS_SHM_COMM") != "1":
         # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce op (C++, ~1.5 min on 2 cores, needs g++)
         # that only its tensor-parallel *inference* all-reduce uses; training runs on gloo without it.
@@ -402,146 +286,56 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
     rank, world = _rank_world()
-    return rank, world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-
-
-def _checksum(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Two sums per tensor: any change of the frozen backbone shows up (cheap: no copy of the weights)."""
-    sums = [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]) for p in params]
-    return torch.stack(sums).cpu()
-
-
-def run_train_distributed(
-    p: Any,
-    variant: str,
-    root: Path,
-    device: torch.device,
-    ds_config: str | os.PathLike | None = None,
-    dtype: str = "auto",
-    log_mlflow: bool = True,
-    progress: bool = True,
-    stop_after: int | None = None,
-) -> dict[str, Any] | None:
-    """:func:`pipeline.train.run.run_train` on every rank; returns the metrics on rank 0 (``None`` elsewhere)."""
-    from deltamem.backbones import load_backbone
-    from pipeline.train.run import load_episodes
-    from pipeline.train.trainer import evaluate_loss
-
-    rank, world = _rank_world()
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    config = p.deltamem_config(variant)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    backbone = str(root / p.backbone) if (root / p.backbone).exists() else p.backbone
-    model, tok = load_backbone(backbone, dtype=getattr(torch, dtype))
-    model.to(device)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    train_eps = load_episodes(p, root, tok, p.train_split, p.limit_train)
-    val_eps = load_episodes(p, root, tok, p.validation_split, p.limit_validation) if p.limit_validation else []
-    frozen = list(model.parameters())  # the backbone's, before δ-mem adds its own
-    before = _checksum(frozen)
-    cfg = TrainConfig(**p.optim.model_dump())
-    out_dir = root / "models" / variant
-    track = log_mlflow and rank == 0
-    t0 = time.time()
-    if track:
-        from pipeline import tracking
-
-        tags = {"stage": "train", "variant": variant, "backbone": backbone, "seed": cfg.seed, "world_size": world}
-        run_ctx: Any = tracking.start_run(f"train-{variant}", tags=tags)
-    else:
-        run_ctx = contextlib.nullcontext()
-    with run_ctx:
-        if track:
-            tracking.log_params(
-                {"train": p.model_dump(mode="json"), "deltamem": config.to_dict(), "variant": variant, "world": world}
-            )
-
-            def on_step(row: dict[str, float]) -> None:
-                tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-
-        result = train_distributed(
-            model,
-            train_eps,
-            pad_id,
-            config,
-            cfg,
-            out_dir,
-            ds_config=ds_config,
-            resume=p.resume,
-            on_step=on_step if track else None,
-            stop_after=stop_after,
-            progress=progress,
-            fingerprint={"dtype": dtype},
-        )
-        if not torch.equal(_checksum(frozen), before):  # a failure here is a bug, not a result
-            raise RuntimeError("backbone weights changed during training")
-        if stop_after is not None and "stopped_at" in result.summary:
-            return result.summary if rank == 0 else None
-        metrics: dict[str, Any] | None = None
-        if rank == 0:
-            s = result.summary
-            metrics = {k: s[k] for k in ("steps", "final_loss", "tokens", "train_seconds", "tokens_per_s")}
-            metrics |= {
-                "wall_seconds": time.time() - t0,
-                "trainable_parameters": s["trainable_parameters"],
-                "world_size": world,
-            }
-            for memory in ("written", "shuffled", "none"):
-                value = evaluate_loss(model, val_eps, pad_id, memory) if val_eps else float("nan")
-                if value == value:  # NaN: no validation set, or the control needs two contexts
-                    metrics[f"val_answer_ce/{memory}"] = value
-            if track:
-                import mlflow
-
-                tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
-                mlflow.log_artifacts(str(result.adapter_dir), artifact_path="adapter")
-            out = root / "results" / "train" / variant / "metrics.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-            os.replace(tmp, out)
-        _barrier()
-    return metrics
+    return rank, world, device
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The torchrun / deepspeed-launcher entry: every rank runs :func:`pipeline.train.run.train_stage`."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="params.yaml (its train section); outputs go next to it")
     ap.add_argument("--variant", required=True, help="a key of train.variants")
     ap.add_argument("--deepspeed", default=str(DEFAULT_DS_CONFIG), help="DeepSpeed JSON config with 'auto' values")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="frozen backbone dtype")
     ap.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--stop-after", type=int, default=None, help="stop after N optimizer steps (resume tests)")
+    ap.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step and rank (the stage's)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = ap.parse_args(argv)
 
-    from pipeline.params import ParamsError, load_section
-    from pipeline.train.run import TrainParams
+    from pipeline.train.run import InputError, check_inputs, for_processes, train_stage
 
+    root = Path(args.params).resolve().parent
     try:
-        p = load_section(args.params, "train", TrainParams)
-        p.deltamem_config(args.variant)
+        p = check_inputs(args.params, args.variant)
         deepspeed_config(args.deepspeed, TrainConfig(**p.optim.model_dump()), 1)
-    except (ParamsError, ValueError, OSError) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as err:
+        print(f"error: {args.deepspeed}: {err}", file=sys.stderr)
+        return 2
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    rank, _, device = init_distributed(p.device)
+    rank, world, device = init_distributed(p.device)
     try:
-        metrics = run_train_distributed(
+        if args.grad_accum is not None:  # as the stage resolved it (nproc: auto)
+            p = p.model_copy(
+                update={"nproc": world, "optim": p.optim.model_copy(update={"grad_accum": args.grad_accum})}
+            )
+        p = for_processes(p, world)  # nproc: auto (run by hand) → grad_accum per process
+        backend = DeepSpeedBackend(args.deepspeed)
+        metrics = train_stage(
             p,
             args.variant,
-            Path(args.params).resolve().parent,
+            root,
+            backend,
             device,
-            ds_config=args.deepspeed,
-            dtype=args.dtype,
             log_mlflow=not args.no_tracking,
             progress=not args.no_progress,
             stop_after=args.stop_after,
         )
+    except CheckpointError as err:  # e.g. a full disk: one line per rank, no traceback
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        return 1
     finally:
         import torch.distributed as dist
 

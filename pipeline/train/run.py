@@ -1,46 +1,30 @@
-"""The ``backbone`` and ``train`` stages: params sections, data loading, MLflow logging, outputs.
-
-``backbone``: load the configured backbone once (the offline embedded SmolLM2 GGUF, a hub id or a
-folder) and ``save_pretrained`` it with its tokenizer to ``models/backbone``, so every later stage loads
-a plain Hugging Face folder.
+"""The ``train`` stage: params, input checks, the launcher, and the one driver every rank runs.
 
 ``train --variant V``: δ-mem SFT of variant V (a ``DeltaMemConfig`` = ``train.deltamem`` updated by
 ``train.variants[V]``) → ``models/V/adapter`` + ``models/V/training_summary.json`` and
 ``results/train/V/metrics.json`` (final loss, steps, tokens, time, held-out answer loss with the
 written state / no memory / another episode's state).
+
+Launchers (``train.launcher``): ``local`` (this process; with ``nproc`` > 1, torchrun on this machine),
+``torchrun`` (``nproc`` DeepSpeed ZeRO-2 ranks on this machine) and ``ray`` (``nproc`` Ray Train workers,
+:mod:`pipeline.train.ray_train`). Every rank runs :func:`train_variant` → :func:`pipeline.train.trainer.train`
+with its :class:`~pipeline.train.trainer.Backend`. The backbone stage's code is :mod:`pipeline.backbone`.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import socket
+import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.backbone import BackboneParams, InputError, resolve_backbone, torch_dtype
 from pipeline.params import register_section
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-class BackboneParams(BaseModel):
-    """``backbone``: what to load and where to save it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name_or_path: str = "embedded"
-    dtype: str = "float32"
-    out_dir: str = "models/backbone"
-    trust_remote_code: bool = False
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"dtype {v!r}; allowed: {', '.join(DTYPES)}")
-        return v
 
 
 class OptimParams(BaseModel):
@@ -65,6 +49,16 @@ class OptimParams(BaseModel):
     gradient_checkpointing: bool = False  # δ-mem-aware: recompute backbone layers in backward (long writes)
 
 
+class RayTrainParams(BaseModel):
+    """``train.ray``: Ray Train's ``ScalingConfig`` for ``launcher: ray`` (``num_workers`` = ``train.nproc``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None  # None: RAY_ADDRESS, else a local loopback-only Ray started for the stage
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: when train.device is not cpu and the cluster has GPUs
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)  # e.g. {CPU: 4, GPU: 1}
+
+
 class TrainParams(BaseModel):
     """``train``: data, lengths, the δ-mem config shared by all variants, per-variant overrides, optimiser."""
 
@@ -80,14 +74,39 @@ class TrainParams(BaseModel):
     write_length: int = Field(8192, ge=1)
     read_length: int = Field(512, ge=1)
     device: str = "auto"
+    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (deltamem.backbones)
     threads: int | None = Field(None, ge=1)
     resume: str = "auto"
-    nproc: int = Field(
-        1, ge=1
-    )  # > 1: stages/train.py runs pipeline.train.distributed under torchrun (DeepSpeed ZeRO-2)
+    # processes / Ray Train workers; "auto": the visible GPUs (CPU: 1) with grad_accum divided among them
+    nproc: int | Literal["auto"] = 1
+    launcher: Literal["local", "torchrun", "ray"] = "local"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the frozen backbone; auto: bf16 on CUDA
+    storage_path: str = ".deltamem/ray-train"  # launcher ray: checkpoints (a folder, or s3://, gs://, …)
+    ray: RayTrainParams = Field(default_factory=lambda: RayTrainParams())
     deltamem: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"TSW": {"write_mode": "TSW"}})
     optim: OptimParams = Field(default_factory=OptimParams)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attn(cls, v: str) -> str:
+        from deltamem.backbones import check_attn_implementation
+
+        return check_attn_implementation(v)
+
+    @field_validator("nproc", mode="before")
+    @classmethod
+    def _nproc(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"nproc {v!r}; expected an integer >= 1 or 'auto'")
+
+    def global_batch(self, nproc: int | None = None) -> int:
+        """Episodes per optimiser step: batch_size × grad_accum × nproc; under ``nproc: auto`` grad_accum is
+        the single-process value, divided among the processes, so the global batch is batch_size × grad_accum."""
+        if self.nproc == "auto":
+            return self.optim.batch_size * self.optim.grad_accum
+        return self.optim.batch_size * self.optim.grad_accum * (nproc or self.nproc)
 
     @field_validator("resume")
     @classmethod
@@ -104,39 +123,7 @@ class TrainParams(BaseModel):
         return DeltaMemConfig.from_dict({**self.deltamem, **self.variants[variant]})
 
 
-register_section("backbone", BackboneParams)
 register_section("train", TrainParams)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def prepare_backbone(p: BackboneParams, root: Path) -> Path:
-    """Save the backbone + tokenizer as a plain Hugging Face folder (atomically)."""
-    import shutil
-    import tempfile
-
-    from deltamem.backbones import load_backbone
-
-    model, tok = load_backbone(p.name_or_path, dtype=_torch_dtype(p.dtype), trust_remote_code=p.trust_remote_code)
-    if getattr(model, "hf_quantizer", None) is not None:  # GGUF is de-quantised on load: plain weights now
-        model.hf_quantizer = None
-        model.config.quantization_config = None
-    out = root / p.out_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "deltamem_backbone.json").write_text(json.dumps(p.model_dump(), indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def resolve_device(name: str):
@@ -147,13 +134,24 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def resolve_dtype(p: TrainParams, device: Any) -> str:
+    """``train.dtype``, with ``auto`` = bfloat16 on CUDA and float32 elsewhere (the one default)."""
+    if p.dtype != "auto":
+        return p.dtype
+    return "bfloat16" if getattr(device, "type", str(device)) == "cuda" else "float32"
+
+
+def split_path(p: TrainParams, root: Path, split: str) -> Path:
+    return root / p.data_dir / p.dataset / f"{split}.jsonl"
+
+
 def load_episodes(p: TrainParams, root: Path, tokenizer: Any, split: str, limit: int | None):
     from pipeline.data.schema import read_split
     from pipeline.data.tokenize import Packer
 
-    path = root / p.data_dir / p.dataset / f"{split}.jsonl"
+    path = split_path(p, root, split)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: prepared split not found (run the prepare stage; train.dataset/{split})")
+        raise InputError(f"{path}: prepared split not found (run the prepare stage; train.dataset/{split})")
     examples = read_split(path)
     if limit is not None:
         examples = examples[:limit]
@@ -161,10 +159,118 @@ def load_episodes(p: TrainParams, root: Path, tokenizer: Any, split: str, limit:
     return [packer.pack(e) for e in examples]
 
 
-def run_train(
-    p: TrainParams, variant: str, root: Path, log_mlflow: bool = True, progress: bool = True
-) -> dict[str, Any]:
-    """Train one variant; returns the metrics written to ``results/train/<variant>/metrics.json``."""
+def backbone_name(p: TrainParams, root: Path) -> str:
+    """``train.backbone`` resolved (see :func:`pipeline.backbone.resolve_backbone`): the backbone stage's
+    ``out_dir`` always counts as a local path."""
+    return resolve_backbone(p.backbone, root, "train.backbone", local_names=(BackboneParams().out_dir,))
+
+
+def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
+    """The train section of ``params_file`` after the checks that need no model: the variant, the prepared
+    splits (present and readable) and the backbone path. Every problem is an :class:`InputError` (one line, exit 2)."""
+    from pipeline.params import ParamsError, load_section
+
+    try:
+        p = load_section(params_file, "train", TrainParams)
+        p.deltamem_config(variant)
+    except (ParamsError, ValueError) as err:
+        raise InputError(str(err)) from None
+    root = Path(params_file).resolve().parent
+    backbone_name(p, root)  # first: a wrong backbone path is the likelier mistake, and no data is read for it
+    splits = [p.train_split] + ([p.validation_split] if p.limit_validation else [])
+    from pipeline.data.errors import DataError
+    from pipeline.data.schema import read_split
+
+    for split in splits:
+        path = split_path(p, root, split)
+        if not path.is_file():
+            raise InputError(f"{path}: prepared split not found (run the prepare stage; train.dataset/{split})")
+        try:  # here, not on every rank / Ray worker, where it would be a traceback per process
+            read_split(path)
+        except DataError as err:
+            raise InputError(str(err)) from None
+    return p
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_nproc(p: TrainParams, available_gpus: int | None = None, cpus: int | None = None) -> TrainParams:
+    """``p`` with ``nproc`` a number and ``optim.grad_accum`` per process; logs what ``auto`` chose.
+
+    ``auto``: one process per visible GPU (1 on CPU); ``grad_accum`` (written for one process) is divided
+    among them so that the global batch stays batch_size × grad_accum; when it does not divide, the largest
+    process count ≤ the GPUs that divides it is used. An explicit ``nproc`` larger than the visible GPUs
+    (CUDA) or the CPU cores is an :class:`InputError`. (Ray: the cluster's resources are checked by
+    :mod:`pipeline.train.ray_train` once it is connected.)
+    """
+    device = p.device
+    gpus = visible_gpus() if available_gpus is None else available_gpus
+    cpus = cpus or os.cpu_count() or 1
+    on_gpu = device != "cpu" and not device.startswith("cpu") and gpus > 0
+    if p.nproc != "auto":
+        if p.launcher != "ray":
+            if on_gpu and p.nproc > gpus:
+                raise InputError(f"train.nproc={p.nproc} but {gpus} GPU(s) are visible; use nproc: auto or ≤ {gpus}")
+            if not on_gpu and p.nproc > cpus:
+                raise InputError(f"train.nproc={p.nproc} but this machine has {cpus} CPU core(s); use ≤ {cpus}")
+        return p
+    want = gpus if on_gpu and p.launcher != "ray" else 1
+    accum = p.optim.grad_accum
+    n = max(k for k in range(1, want + 1) if accum % k == 0)
+    if n < want:
+        warnings.warn(
+            f"train.nproc auto: {want} GPUs visible but grad_accum {accum} does not divide among them; "
+            f"using {n} processes so the global batch stays {p.global_batch()}",
+            stacklevel=2,
+        )
+    _log(
+        f"train.nproc auto: {n} process(es) ({gpus} GPU(s) visible); grad_accum {accum} → {accum // n} per "
+        f"process; global batch {p.global_batch()} = batch_size {p.optim.batch_size} × {accum // n} × {n}"
+    )
+    return for_processes(p, n)
+
+
+def for_processes(p: TrainParams, n: int) -> TrainParams:
+    """``p`` for ``n`` processes: under ``nproc: auto`` the single-process grad_accum divided by ``n``."""
+    if p.nproc != "auto":
+        return p
+    accum = p.optim.grad_accum
+    if accum % n:
+        raise InputError(f"train.nproc auto with {n} processes: train.optim.grad_accum={accum} is not divisible by {n}")
+    return p.model_copy(update={"nproc": n, "optim": p.optim.model_copy(update={"grad_accum": accum // n})})
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _checksum(params: list[Any]) -> Any:
+    """Two float64 sums per tensor: any change of the frozen backbone shows up, without a copy of its weights."""
+    import torch
+
+    sums = [torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]) for p in params]
+    return torch.stack(sums).cpu()
+
+
+def train_variant(
+    p: TrainParams,
+    variant: str,
+    root: Path,
+    backend: Any,
+    device: Any,
+    out_dir: Path,
+    on_step: Any = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
+    """One rank's part of the train stage: load, train (the one loop), check the backbone, evaluate.
+
+    Returns the stage metrics on the main rank (``{"stopped_at": N}`` after ``stop_after``), None elsewhere.
+    """
     import torch
 
     from deltamem.backbones import load_backbone
@@ -173,67 +279,191 @@ def run_train(
     if p.threads:
         torch.set_num_threads(p.threads)
     config = p.deltamem_config(variant)
-    device = resolve_device(p.device)
-    backbone = str(root / p.backbone) if (root / p.backbone).exists() else p.backbone
-    model, tok = load_backbone(backbone)
+    dtype = resolve_dtype(p, device)
+    model, tok = load_backbone(
+        backbone_name(p, root),
+        dtype=torch_dtype(dtype),
+        attn_implementation=p.attn_implementation,
+        root=root,
+        what="train.backbone",
+    )
     model.to(device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     train_eps = load_episodes(p, root, tok, p.train_split, p.limit_train)
     val_eps = load_episodes(p, root, tok, p.validation_split, p.limit_validation) if p.limit_validation else []
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    frozen = list(model.parameters())  # the backbone's, before δ-mem adds its own
+    before = _checksum(frozen)
     cfg = TrainConfig(**p.optim.model_dump())
-    out_dir = root / "models" / variant
-
-    def run(on_step=None):
-        return train(
-            model, train_eps, pad_id, config, cfg, out_dir, resume=p.resume, on_step=on_step, progress=progress
-        )
-
     t0 = time.time()
-    if log_mlflow:
-        from pipeline import tracking
-
-        tags = {"stage": "train", "variant": variant, "backbone": backbone, "seed": cfg.seed}
-        with tracking.start_run(f"train-{variant}", tags=tags):
-            tracking.log_params({"train": p.model_dump(mode="json"), "deltamem": config.to_dict(), "variant": variant})
-            result = run(
-                lambda row: tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-            )
-            metrics = _finish(model, val_eps, pad_id, result, before, time.time() - t0, evaluate_loss)
-            tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
-            import mlflow
-
-            mlflow.log_artifacts(str(result.adapter_dir), artifact_path="adapter")
-    else:
-        result = run()
-        metrics = _finish(model, val_eps, pad_id, result, before, time.time() - t0, evaluate_loss)
-    out = root / "results" / "train" / variant / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    os.replace(tmp, out)
+    result = train(
+        model,
+        train_eps,
+        pad_id,
+        config,
+        cfg,
+        out_dir,
+        resume=p.resume,
+        on_step=on_step,
+        stop_after=stop_after,
+        progress=progress,
+        fingerprint={"dtype": dtype},
+        backend=backend,
+    )
+    if not torch.equal(_checksum(frozen), before):  # a failure here is a bug, not a result
+        raise RuntimeError("backbone weights changed during training")
+    if "stopped_at" in result.summary or not backend.is_main:
+        return result.summary if backend.is_main else None
+    s = result.summary
+    metrics = {k: s[k] for k in ("steps", "final_loss", "tokens", "train_seconds")}
+    metrics |= {"wall_seconds": time.time() - t0, "tokens_per_s": s["tokens_per_s"]}
+    metrics["trainable_parameters"] = s["trainable_parameters"]
+    if backend.world > 1 or backend.name != "local":
+        metrics["world_size"] = backend.world
+    for memory in ("written", "shuffled", "none"):
+        value = evaluate_loss(model, val_eps, pad_id, memory) if val_eps else float("nan")
+        if value == value:  # NaN: no validation set, or the control needs two contexts
+            metrics[f"val_answer_ce/{memory}"] = value
     return metrics
 
 
-def _finish(model, val_eps, pad_id, result, before, wall, evaluate_loss) -> dict[str, Any]:
-    import torch
+# --- MLflow ----------------------------------------------------------------------------------------------
+def _process_tags() -> dict[str, str]:
+    """Who runs this stage: host, pid and the pid's start time (so a reused pid is not taken for it)."""
+    import psutil
 
-    after = model.state_dict()
-    untouched = all(torch.equal(after[k], v) for k, v in before.items())
-    if not untouched:  # the backbone must never change; a failure here is a bug, not a result
-        raise RuntimeError("backbone weights changed during training")
-    metrics: dict[str, Any] = {
-        "steps": result.summary["steps"],
-        "final_loss": result.summary["final_loss"],
-        "tokens": result.summary["tokens"],
-        "train_seconds": result.summary["train_seconds"],
-        "wall_seconds": wall,
-        "tokens_per_s": result.summary["tokens_per_s"],
-        "trainable_parameters": result.summary["trainable_parameters"],
+    me = psutil.Process()
+    return {
+        "deltamem.host": socket.gethostname(),
+        "deltamem.pid": str(me.pid),
+        "deltamem.pid_start": f"{me.create_time():.3f}",
     }
-    if val_eps:
-        for memory in ("written", "shuffled", "none"):
-            value = evaluate_loss(model, val_eps, pad_id, memory)
-            if value == value:  # NaN: the control cannot be formed (one context only); leave it out
-                metrics[f"val_answer_ce/{memory}"] = value
+
+
+def _alive(tags: dict[str, str]) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(int(tags["deltamem.pid"]))
+        return f"{proc.create_time():.3f}" == tags.get("deltamem.pid_start")
+    except (psutil.Error, KeyError, ValueError):
+        return False
+
+
+def close_stale_runs(variant: str, experiment: str | None = None) -> list[str]:
+    """Close the RUNNING ``train-<variant>`` runs of this host whose process is gone (a killed stage) as
+    KILLED; returns their ids. Runs of other hosts, or of live processes (parallel ``dvc exp`` queues), stay."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    uri = tracking.tracking_uri()
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    exp = client.get_experiment_by_name(tracking.experiment_name(experiment))
+    if exp is None:
+        return []
+    host = socket.gethostname()
+    query = f"tags.stage = 'train' and tags.variant = '{variant}' and attributes.status = 'RUNNING'"
+    closed = []
+    for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=1000):
+        tags = run.data.tags
+        if tags.get("deltamem.host") != host or _alive(tags):
+            continue
+        client.set_tag(run.info.run_id, "deltamem.closed_by", "next execution of the train stage (process gone)")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+        _log(f"MLflow: closed the stale run {run.info.run_id} of a killed train-{variant} as KILLED")
+    return closed
+
+
+class StageRun:
+    """The train stage's MLflow run (main rank only; a no-op without tracking): params, per-step metrics,
+    final metrics and the adapter as artifacts."""
+
+    def __init__(self, p: TrainParams, variant: str, backbone: str, world: int, enabled: bool) -> None:
+        self.enabled, self.p, self.variant, self.backbone, self.world = enabled, p, variant, backbone, world
+        self._ctx: Any = None
+
+    def __enter__(self) -> StageRun:
+        if not self.enabled:
+            return self
+        from pipeline import tracking
+
+        close_stale_runs(self.variant)
+        tags = {"stage": "train", "variant": self.variant, "backbone": self.backbone, "seed": self.p.optim.seed}
+        tags |= {"world_size": self.world, "launcher": self.p.launcher, **_process_tags()}
+        self._ctx = tracking.start_run(f"train-{self.variant}", tags=tags)
+        self.run = self._ctx.__enter__()
+        config = self.p.deltamem_config(self.variant)
+        tracking.log_params(
+            {"train": self.p.model_dump(mode="json"), "deltamem": config.to_dict(), "variant": self.variant}
+        )
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return bool(self._ctx.__exit__(*exc)) if self._ctx is not None else False
+
+    def log_step(self, row: dict[str, float]) -> None:
+        """One step's metrics; by run id, so that a thread (the Ray launcher's queue reader) may call it."""
+        if not self.enabled:
+            return
+        import math
+
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        from pipeline import tracking
+
+        now, step = int(time.time() * 1000), int(row["step"])
+        items = [Metric(k, float(v), now, step) for k, v in row.items() if k != "step" and math.isfinite(float(v))]
+        MlflowClient(tracking.tracking_uri()).log_batch(self.run.info.run_id, metrics=items)
+
+    def finish(self, metrics: dict[str, Any], adapter_dir: Path) -> None:
+        if self.enabled:
+            import mlflow
+
+            from pipeline import tracking
+
+            tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+            mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+
+
+def write_metrics(root: Path, variant: str, metrics: dict[str, Any]) -> Path:
+    from pipeline.train.trainer import write_json_atomic
+
+    out = root / "results" / "train" / variant / "metrics.json"
+    write_json_atomic(out, metrics, sort_keys=True)
+    return out
+
+
+def train_stage(
+    p: TrainParams,
+    variant: str,
+    root: Path,
+    backend: Any,
+    device: Any,
+    log_mlflow: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
+    """The train stage on one rank of the local or torchrun launcher (outputs written by the main rank)."""
+    out_dir = root / "models" / variant
+    with StageRun(p, variant, backbone_name(p, root), backend.world, log_mlflow and backend.is_main) as run:
+        metrics = train_variant(p, variant, root, backend, device, out_dir, run.log_step, progress, stop_after)
+        if metrics is not None and "stopped_at" not in metrics:
+            run.finish(metrics, out_dir / "adapter")
+            write_metrics(root, variant, metrics)
+        backend.barrier()
+    return metrics
+
+
+def run_train(
+    p: TrainParams, variant: str, root: Path, log_mlflow: bool = True, progress: bool = True
+) -> dict[str, Any]:
+    """Train one variant in this process; returns the metrics written to ``results/train/<variant>/metrics.json``."""
+    from pipeline.train.trainer import LocalBackend
+
+    metrics = train_stage(p, variant, root, LocalBackend(), resolve_device(p.device), log_mlflow, progress)
+    assert metrics is not None
     return metrics

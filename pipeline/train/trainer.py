@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from deltamem import DeltaMemConfig, attach_delta_mem, load_adapter
 from deltamem.adapter import save_adapter
+from pipeline.backbone import ordinary_permissions
 from pipeline.data.tokenize import IGNORE_INDEX, PackedExample
 
 CKPT_PREFIX = "step-"
@@ -270,18 +272,24 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
 
 
-def _save_checkpoint(model: Any, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
-    final = ckpt_dir / f"{CKPT_PREFIX}{step:06d}"
-    tmp = ckpt_dir / f".tmp-{CKPT_PREFIX}{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp / "adapter")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in _checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (its temporary directory has been removed); names path and reason."""
+
+
+def _write_failure_reason(err: BaseException, where: Path) -> str:
+    """Why a write failed, in words: torch's "enforce fail at inline_container.cc" hides ENOSPC."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "no space left on device"
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    text = f"{type(err).__name__}: {err}".splitlines()[0]
+    if free is not None and free < 64 * 2**20:
+        return f"no space left on device ({free} bytes free; {text})"
+    return text
 
 
 def _rng_state() -> dict[str, Any]:
@@ -291,6 +299,121 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+
+
+class Backend:
+    """What the training loop needs from its execution environment; this base is the single process.
+
+    ``setup`` builds the optimiser and schedule over the δ-mem parameters; per micro-batch the loop calls
+    ``forward`` (loss to back-propagate, and the micro-batch's loss / answer CE / tokens as floats, global
+    over the ranks) and ``backward``; per optimiser step ``lr`` (before), ``step`` and ``grad_norm``.
+    Checkpoints: ``save`` writes this rank's part into a directory and returns what goes into
+    ``trainer_state.pt``; ``load`` restores it. Subclasses: :class:`LocalBackend` (= this class) and
+    :class:`pipeline.train.distributed.DeepSpeedBackend`.
+    """
+
+    name = "local"
+    rank = 0
+    world = 1
+    # Whether every rank has its own output directory (Ray Train workers on different nodes): then each rank
+    # creates and renames its own checkpoint directory; otherwise rank 0 does it for all.
+    private_dirs = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        pass
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (a collective: every rank must call it)."""
+        return flag
+
+    def setup(self, model: Any, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
+        self.model, self.params, self.cfg = model, params, cfg
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self._norm = float("nan")
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this backend in the run fingerprint and the summary."""
+        return {}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, ce, _ = episode_forward(self.model, batch, "written", self.cfg)
+        tokens = int(batch["write_mask"].sum() + batch["read_mask"].sum())
+        return loss, {"loss": float(loss.detach()), "answer_ce": float(ce.detach()), "tokens": tokens}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum).backward()
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def step(self) -> None:
+        self._norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float:
+        return self._norm
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load(self, directory: Path, state: dict[str, Any]) -> None:
+        load_adapter(self.model, directory / "adapter")
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+    def on_checkpoint(self, directory: Path, step: int) -> None:
+        """Called on every rank once ``directory`` holds the complete checkpoint of ``step`` (Ray reports it)."""
+
+
+LocalBackend = Backend
+
+
+def save_checkpoint(
+    backend: Backend, model: Any, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep: int
+) -> Path:
+    """Write ``ckpt_dir/step-NNNNNN`` atomically: every rank writes its part into a temporary sibling that is
+    renamed into place once all parts are there. On any failure the temporary directory is removed (a full
+    disk stays as free as it was) and :class:`CheckpointError` names the path and the reason."""
+    final = ckpt_dir / f"{CKPT_PREFIX}{step:06d}"
+    tmp = ckpt_dir / f".tmp-{CKPT_PREFIX}{step:06d}"
+    owner = backend.is_main or backend.private_dirs
+    failed: BaseException | None = None
+    if owner:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    backend.barrier()
+    try:
+        state = backend.save(tmp)
+        if backend.is_main:
+            save_adapter(model, tmp / "adapter")
+            torch.save({**trainer_state, **state}, tmp / "trainer_state.pt")
+    except (OSError, RuntimeError) as err:  # torch.save reports ENOSPC as a RuntimeError
+        failed = err
+    if backend.any_rank(failed is not None):  # every rank stops, none waits at a barrier for the others
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = _write_failure_reason(failed, ckpt_dir) if failed is not None else "another rank's write failed"
+        raise CheckpointError(f"{tmp}: checkpoint write failed: {reason}") from None
+    if owner:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        ordinary_permissions(final)
+        for old in _checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    backend.barrier()
+    backend.on_checkpoint(final, step)
+    return final
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def train(
@@ -305,16 +428,26 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     fingerprint: dict[str, Any] | None = None,
+    backend: Backend | None = None,
 ) -> TrainResult:
     """Train δ-mem on ``model`` (attached here) over ``episodes``; write ``out_dir/adapter`` and checkpoints.
 
+    The one training loop, for one process (``backend=None``: :class:`LocalBackend`) or every rank of a
+    data-parallel run (:class:`pipeline.train.distributed.DeepSpeedBackend`; ``model`` and ``episodes`` the
+    same on every rank). Rank r of W takes the slice ``[r·b, (r+1)·b)`` of the ``b·W`` episodes the seeded
+    sampler yields per micro-batch, so W ranks see the episodes of one process with batch ``b·W``.
+
     ``stop_after`` ends the run after that many optimizer steps without saving the final adapter (for
-    kill-and-resume tests); ``on_step`` receives each step's metrics (MLflow logging). Checkpoints are only
-    resumed when they were written with the same ``fingerprint`` (config, optimiser, data), and are removed
-    once the final adapter is saved.
+    kill-and-resume tests); ``on_step`` receives each step's metrics on the main rank (MLflow logging).
+    Checkpoints are only resumed when they were written with the same ``fingerprint`` (config, optimiser,
+    data, backend and world size), and are removed once the final adapter is saved.
     """
     from tqdm.auto import tqdm
 
+    backend = backend or LocalBackend()
+    if resume not in ("auto", "never"):
+        raise ValueError(f"resume={resume!r}; allowed: auto, never")
+    rank, world, b = backend.rank, backend.world, cfg.batch_size
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
@@ -327,48 +460,55 @@ def train(
     if cfg.gradient_checkpointing:
         model.delta_mem.enable_gradient_checkpointing()
     params = model.delta_mem.parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    backend.setup(model, params, cfg)
     sampler = EpisodeSampler(len(episodes), cfg.seed)
     step, history, tokens_seen, elapsed = 0, [], 0, 0.0
 
-    fingerprint = run_fingerprint(config, cfg, len(episodes), fingerprint)
-    existing = _checkpoints(ckpt_dir)
+    extra = {**backend.describe(), **(fingerprint or {})}
+    fingerprint = run_fingerprint(config, cfg, len(episodes), extra)
+    backend.barrier()
+    existing = _checkpoints(ckpt_dir) if resume == "auto" else []
     state = None
-    if resume == "auto" and existing:
+    if existing:
         state = torch.load(existing[-1] / "trainer_state.pt", map_location="cpu", weights_only=True)
-        if json.loads(state.get("fingerprint", "null")) != fingerprint:
-            warnings.warn(f"ignoring checkpoints in {ckpt_dir}: written by a run with other settings", stacklevel=2)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        stale = json.loads(state.get("fingerprint", "null")) != fingerprint
+        backend.barrier()  # every rank has read it before it may be removed
+        if stale:
+            if backend.is_main or backend.private_dirs:
+                warnings.warn(f"ignoring checkpoints in {ckpt_dir}: written by a run with other settings", stacklevel=2)
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
             state = None
+            backend.barrier()
     if state is not None:
-        load_adapter(model, existing[-1] / "adapter")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        backend.load(existing[-1], state)
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
         step, history = int(state["step"]), list(state["history"])
         tokens_seen, elapsed = int(state["tokens_seen"]), float(state["elapsed"])
-    elif resume not in ("auto", "never"):
-        raise ValueError(f"resume={resume!r}; allowed: auto, never")
+        if backend.is_main:
+            _log(f"resumed from {existing[-1]} at step {step} of {cfg.steps}")
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="δ-mem train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc="δ-mem train" + (f" ×{world}" if world > 1 else ""),
+        disable=not progress or not backend.is_main,
+        dynamic_ncols=True,
+    )
     while step < cfg.steps:
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        lr = backend.lr()
         loss_sum = ce_sum = 0.0
         tokens = 0
         for _ in range(cfg.grad_accum):
-            batch = collate_episodes([episodes[i] for i in sampler.take(cfg.batch_size)], pad_id)
-            loss, ce, _ = episode_forward(model, batch, "written", cfg)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-            ce_sum += float(ce.detach()) / cfg.grad_accum
-            tokens += int(batch["write_mask"].sum() + batch["read_mask"].sum())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
+            mine = sampler.take(b * world)[rank * b : (rank + 1) * b]
+            batch = collate_episodes([episodes[i] for i in mine], pad_id)
+            loss, stats = backend.forward(batch)
+            backend.backward(loss)
+            loss_sum += stats["loss"] / cfg.grad_accum
+            ce_sum += stats["answer_ce"] / cfg.grad_accum
+            tokens += int(stats["tokens"])
+        backend.step()
         step += 1
         dt = time.perf_counter() - t0
         elapsed += dt
@@ -378,18 +518,16 @@ def train(
             "loss": loss_sum,
             "answer_ce": ce_sum,
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": backend.grad_norm(),
             "tokens_per_s": tokens / dt,
         }
         history.append(row)
-        if on_step is not None and step % cfg.log_every == 0:
+        if on_step is not None and backend.is_main and step % cfg.log_every == 0:
             on_step(row)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
         bar.update(1)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            state = {
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
+            trainer_state = {
                 "sampler": sampler.state_dict(),
                 "rng": _rng_state(),
                 "step": step,
@@ -398,16 +536,30 @@ def train(
                 "elapsed": elapsed,
                 "fingerprint": json.dumps(fingerprint),
             }
-            _save_checkpoint(model, ckpt_dir, step, state, cfg.keep_checkpoints)
+            save_checkpoint(backend, model, ckpt_dir, step, trainer_state, cfg.keep_checkpoints)
         if stop_after is not None and step >= stop_after:
             bar.close()
             return TrainResult(out_dir / "adapter", {"stopped_at": step}, history)
     bar.close()
-    summary = training_summary(history, step, tokens_seen, elapsed, step * cfg.grad_accum * cfg.batch_size, params)
-    save_adapter(model, out_dir / "adapter", extra={"training": summary})
-    (out_dir / "training_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume a killed run
+    summary = training_summary(history, step, tokens_seen, elapsed, step * cfg.grad_accum * b * world, params)
+    if world > 1 or backend.describe():
+        summary |= {"world_size": world, "global_batch": b * cfg.grad_accum * world, **backend.describe()}
+    if backend.is_main:
+        save_adapter(model, out_dir / "adapter")  # run facts go to training_summary.json, not the adapter
+        ordinary_permissions(out_dir / "adapter")
+        write_json_atomic(out_dir / "training_summary.json", {**summary, "history": history})
+    if backend.is_main or backend.private_dirs:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume a killed run
+    backend.barrier()
     return TrainResult(out_dir / "adapter", summary, history)
+
+
+def write_json_atomic(path: Path, data: Any, sort_keys: bool = False) -> None:
+    """``path`` ← ``data`` as indented JSON, via a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys))
+    os.replace(tmp, path)
 
 
 def iterate_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -33,7 +33,7 @@ OVERRIDES: list[Override] = [
     Override("prepare.datasets[name=qasper].source", "data/raw/qasper", "offline: allenai release JSON"),
     Override("prepare.datasets[name=memoryagentbench].source", "data/raw/memoryagentbench", "offline: hub parquet"),
     # cpu: 2 cores, no GPU
-    Override("train.nproc", 2, "cpu: 2 ranks (DeepSpeed on gloo); workaround issue 11 item 4 (h-train): nproc: auto"),
+    Override("train.nproc", 2, "cpu: 2 ranks (DeepSpeed on gloo); `auto` counts GPUs, and a CPU has none"),
     Override("evaluate.workers", 2, "cpu: 2 cores; workaround issue 11 item 4 (h-evalrun): 8 actors on 2 CPUs hang"),
     Override("evaluate.ray.actor_num_gpus", 0, "cpu: no GPU"),
     Override("evaluate.ray.actor_num_cpus", 1, "cpu: 2 cores"),
@@ -42,6 +42,7 @@ OVERRIDES: list[Override] = [
     Override("train.limit_train", 4, "small"),
     Override("train.limit_validation", 2, "small"),
     Override("train.optim.steps", 2, "small"),
+    Override("train.optim.grad_accum", 2, "small: the presets accumulate 32 micro-batches per step"),
     Override("train.optim.checkpoint_every", 1, "small: still checkpoints"),
     Override("evaluate.tasks[*].limit", 2, "small: 2 questions per task"),
     Override("evaluate.max_new_tokens_cap", 4, "small: IFEval asks 1500 new tokens, GPQA 8192"),

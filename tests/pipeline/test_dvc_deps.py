@@ -145,8 +145,8 @@ def test_raw_data_sources_are_deps_of_prepare(params_file):
 
 
 # train keys that do not change a variant's outputs (threads: CPU threads; resume: whether to continue from a
-# checkpoint) or are listed per variant (variants.${key})
-TRAIN_KEYS_NOT_DEPS = {"variants", "threads", "resume"}
+# checkpoint; launcher: which process launcher runs the same training) or are listed per variant (variants.${key})
+TRAIN_KEYS_NOT_DEPS = {"variants", "threads", "resume", "launcher"}
 PARAMS_FILES = [REPO / "params.yaml", *sorted((REPO / "configs").glob("*.yaml"))]
 
 

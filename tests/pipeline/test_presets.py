@@ -46,6 +46,6 @@ def test_presets_use_the_papers_recipe(path: Path):
     assert train.write_length == 8192 and train.read_length == 512 and train.dataset == "qasper"
     o = train.optim
     assert (o.lr, o.steps, o.schedule, o.warmup_ratio) == (2e-4, 70, "cosine", 0.1)
-    assert o.batch_size * o.grad_accum * train.nproc == 32  # the paper's global batch
+    assert train.global_batch() == 32  # the paper's global batch (nproc: auto divides grad_accum among ranks)
     assert load_section(path, "backbone").dtype == "bfloat16"
     assert not load_section(path, "backbone").trust_remote_code

@@ -445,8 +445,10 @@ def test_hub_source_without_datasets_package_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(DataError) as err:
-        load_split("qasper", "validation", "hf")
-    assert str(err.value).startswith("hf:allenai/qasper[validation]: loading from the Hugging Face hub needs")
+        load_split("hotpotqa", "validation", "hf")
+    assert str(err.value).startswith(
+        "hf:hotpotqa/hotpot_qa/distractor[validation]: loading from the Hugging Face hub needs"
+    )
     with pytest.raises(DataError, match=r"hf:ai-hyz/MemoryAgentBench\[Conflict_Resolution\]"):
         load_split("memoryagentbench", "cr", "hf")
     with pytest.raises(DataError, match="locomo is not on the Hugging Face hub"):
@@ -507,5 +509,7 @@ def test_hub_sources_use_the_usual_ids_splits_and_configs(monkeypatch):
         ("me/my-qasper", None, "test", None),
     ]
     with pytest.raises(DataError) as err:
-        load_split("qasper", "nope", "hf")
-    assert str(err.value).startswith("hf:allenai/qasper[nope]: could not load from the hub (ValueError: Unknown")
+        load_split("hotpotqa", "nope", "hf")
+    assert str(err.value).startswith(
+        "hf:hotpotqa/hotpot_qa/distractor[nope]: could not load from the hub (ValueError: Unknown"
+    )

@@ -1,4 +1,4 @@
-"""IFEval's verifiable-instruction checkers (Zhou et al., 2023), written for this project.
+r"""IFEval's verifiable-instruction checkers (Zhou et al., 2023), written for this project.
 
 Semantics follow google-research ``instruction_following_eval`` (``instructions.py`` and
 ``evaluation_lib.py``, which the lm-evaluation-harness copies): one checker per instruction id, each a
@@ -18,6 +18,14 @@ Two pieces of NLTK data the official code downloads at run time are replaced by 
 Language identification uses ``langdetect`` as upstream, but with a private detector factory seeded
 with 0, so verdicts are reproducible (upstream leaves langdetect unseeded; its rare borderline calls
 can flip between runs). An undetectable text counts as following the instruction, as upstream.
+
+``paper=True`` (scoring ``delta-mem``): the δ-mem paper runs the lm-evaluation-harness checkers through
+its ``deltamem/eval/ifeval_compat.py``, which installs stand-ins before importing them: a heuristic
+language detector always (it replaces ``langdetect`` unless that module is already imported), and, when
+``nltk`` is not installed (the paper's ``requirements.txt`` lists neither), a regex sentence splitter
+(split after ``.``/``!``/``?`` + whitespace, and at line breaks; blank pieces dropped) and ``\w+`` as
+``word_tokenize``. :func:`paper_detect_language`, :func:`paper_split_sentences` and
+:func:`paper_word_tokenize` re-derive those three.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -36,6 +45,8 @@ CONSTRAINED_RESPONSES = ("My answer is yes.", "My answer is no.", "My answer is 
 
 # -- text utilities ----------------------------------------------------------------------------------
 
+_PAPER: ContextVar[bool] = ContextVar("ifeval_paper_rules", default=False)  # evaluate_response(paper=...)
+
 
 @lru_cache(maxsize=1)
 def _sentence_tokenizer() -> Any:
@@ -45,7 +56,9 @@ def _sentence_tokenizer() -> Any:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Punkt (English) sentences of ``text``."""
+    """Punkt (English) sentences of ``text`` (the paper's stand-in under ``paper`` rules)."""
+    if _PAPER.get():
+        return paper_split_sentences(text)
     return list(_sentence_tokenizer().tokenize(text))
 
 
@@ -67,7 +80,10 @@ def _word_tokenizer() -> Any:
 
 
 def word_tokenize(text: str) -> list[str]:
-    """NLTK's ``word_tokenize``: Punkt sentences, then the improved Treebank tokenizer on each."""
+    r"""NLTK's ``word_tokenize``: Punkt sentences, then the improved Treebank tokenizer on each
+    (``\w+`` runs under ``paper`` rules)."""
+    if _PAPER.get():
+        return paper_word_tokenize(text)
     tok = _word_tokenizer()
     return [w for sentence in split_sentences(text) for w in tok.tokenize(sentence)]
 
@@ -82,9 +98,14 @@ def _language_factory() -> Any:
     return factory
 
 
-@lru_cache(maxsize=4096)
 def detect_language(text: str) -> str | None:
-    """ISO 639-1 code langdetect assigns to ``text`` (seeded); None when it cannot tell."""
+    """ISO 639-1 code of ``text`` — langdetect's (seeded), or the paper's heuristic under ``paper``
+    rules; None when it cannot tell."""
+    return paper_detect_language(text) if _PAPER.get() else _langdetect(text)
+
+
+@lru_cache(maxsize=4096)
+def _langdetect(text: str) -> str | None:
     from langdetect.lang_detect_exception import LangDetectException
 
     detector = _language_factory().create()
@@ -93,6 +114,91 @@ def detect_language(text: str) -> str | None:
         return detector.detect()
     except LangDetectException:
         return None
+
+
+# -- the δ-mem paper's stand-ins (ifeval_compat.py) -----------------------------------------------------
+
+_PAPER_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+_PAPER_WORD = re.compile(r"\w+")
+_PAPER_SCRIPTS: tuple[tuple[str, str], ...] = (  # (language, script), first wins a tie of counts
+    ("ar", "Arabic"),
+    ("bn", "Bengali"),
+    ("gu", "Gujarati"),
+    ("hi", "Devanagari"),
+    ("kn", "Kannada"),
+    ("ko", "Hangul"),
+    ("pa", "Gurmukhi"),
+    ("ru", "Cyrillic"),
+    ("ta", "Tamil"),
+    ("te", "Telugu"),
+    ("th", "Thai"),
+)
+_PAPER_LATIN_STOPWORDS: tuple[tuple[str, frozenset[str]], ...] = (  # first wins a tie of counts
+    ("de", frozenset(["der", "die", "das", "und", "ist", "nicht", "ein", "eine", "mit", "für", "von", "zu"])),
+    ("en", frozenset(["the", "and", "is", "are", "this", "that", "with", "for", "from", "not", "have", "you"])),
+    ("fi", frozenset(["ja", "on", "ei", "se", "että", "kuin", "olen", "tämä", "mutta", "kun", "oli"])),
+    ("it", frozenset(["il", "la", "di", "e", "che", "non", "un", "una", "per", "con", "sono", "del"])),
+    ("pt", frozenset(["de", "que", "e", "o", "a", "os", "as", "um", "uma", "não", "para", "com"])),
+    ("sw", frozenset(["na", "ya", "kwa", "ni", "katika", "kwamba", "kutoka", "kuwa", "hii", "lakini", "kama"])),
+    ("vi", frozenset(["la", "va", "cua", "mot", "nhung", "cac", "cho", "khong", "duoc", "voi", "trong"])),
+)
+_PAPER_URDU = frozenset("ٹڈڑںھہے")
+_PAPER_PERSIAN = frozenset("گچپژکۍیە")
+_PAPER_DEVANAGARI: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mr", ("आहे", "आणि", "नाही", "हे", "एक")),
+    ("ne", ("छ", "र", "को", "मा", "यो", "हो")),
+    ("hi", ("है", "और", "नहीं", "यह", "एक")),
+)
+_PAPER_BULGARIAN = frozenset(["и", "в", "не", "се", "за", "че", "с", "на"])
+_PAPER_RUSSIAN = frozenset(["и", "в", "не", "что", "это", "на", "я", "с"])
+# accents folded before the Latin stop-word count (the paper's list; "ê"/"ô" occur twice there)
+_PAPER_FOLD = str.maketrans("áàâãäåçéèêëíìîïñóòôõöúùûüýÿăđơư", "aaaaaaceeeeiiiinooooouuuuyyadou")
+
+
+def paper_split_sentences(text: str) -> list[str]:
+    """The paper's sentence stand-in: pieces between ``[.!?]`` + whitespace or line breaks, stripped,
+    blank ones dropped."""
+    return [part.strip() for part in _PAPER_SENTENCE_SPLIT.split(text) if part.strip()]
+
+
+def paper_word_tokenize(text: str) -> list[str]:
+    r"""The paper's ``word_tokenize`` stand-in: ``\w+`` runs."""
+    return _PAPER_WORD.findall(text)
+
+
+@lru_cache(maxsize=4096)
+def paper_detect_language(text: str) -> str | None:
+    r"""The paper's language stand-in (None for a blank text, which upstream counts as followed):
+
+    1. letters of the scripts Arabic, Bengali, Gujarati, Devanagari, Kannada, Hangul, Gurmukhi,
+       Cyrillic, Tamil, Telugu, Thai are counted; the most frequent (first on ties) decides, refined
+       for Arabic (Urdu / Persian letters → ``ur`` / ``fa``), Devanagari (Marathi, Nepali, Hindi
+       marker words, in that order, as substrings) and Cyrillic (more Bulgarian than Russian marker
+       words → ``bg``, else ``ru``);
+    2. otherwise the accent-folded lower-case ``\w+`` tokens vote by stop words of de, en, fi, it, pt,
+       sw, vi (most votes, first on ties); no vote → ``en`` (so Chinese or Japanese text is ``en``).
+    """
+    import regex
+
+    body = text.strip()
+    if not body:
+        return None
+    counts = [(lang, len(regex.findall(rf"\p{{Script={script}}}", body))) for lang, script in _PAPER_SCRIPTS]
+    lang, count = max(counts, key=lambda c: c[1])
+    if count > 0:
+        if lang == "ar":
+            chars = set(body)
+            return "ur" if chars & _PAPER_URDU else "fa" if chars & _PAPER_PERSIAN else "ar"
+        if lang == "hi":
+            return next((code for code, hints in _PAPER_DEVANAGARI if any(h in body for h in hints)), "hi")
+        if lang == "ru":
+            tokens = set(_PAPER_WORD.findall(body.lower()))
+            return "bg" if len(tokens & _PAPER_BULGARIAN) > len(tokens & _PAPER_RUSSIAN) else "ru"
+        return lang
+    tokens = _PAPER_WORD.findall(body.lower().translate(_PAPER_FOLD))
+    votes = [(code, sum(1 for t in tokens if t in words)) for code, words in _PAPER_LATIN_STOPWORDS]
+    code, best = max(votes, key=lambda v: v[1])
+    return code if best > 0 else "en"
 
 
 def _compare(count: int, relation: str, threshold: int) -> bool:
@@ -377,15 +483,24 @@ class IFEvalVerdict:
 
 
 def evaluate_response(
-    instruction_ids: Sequence[str], kwargs: Sequence[Mapping[str, Any] | None], response: str, prompt: str = ""
+    instruction_ids: Sequence[str],
+    kwargs: Sequence[Mapping[str, Any] | None],
+    response: str,
+    prompt: str = "",
+    paper: bool = False,
 ) -> IFEvalVerdict:
-    """Strict and loose verdicts of ``response`` for every instruction of a prompt."""
+    """Strict and loose verdicts of ``response`` for every instruction of a prompt (``paper``: with the
+    δ-mem paper's stand-ins for langdetect and NLTK, see the module doc)."""
     if len(kwargs) != len(instruction_ids):
         raise ValueError(f"{len(kwargs)} kwargs for {len(instruction_ids)} instructions")
-    variants = loose_variants(response)[1:]
-    strict, loose = [], []
-    for iid, kw in zip(instruction_ids, kwargs, strict=True):
-        ok = check_instruction(iid, response, kw, prompt)
-        strict.append(ok)
-        loose.append(ok or any(check_instruction(iid, v, kw, prompt) for v in variants))
+    token = _PAPER.set(paper)
+    try:
+        variants = loose_variants(response)[1:]
+        strict, loose = [], []
+        for iid, kw in zip(instruction_ids, kwargs, strict=True):
+            ok = check_instruction(iid, response, kw, prompt)
+            strict.append(ok)
+            loose.append(ok or any(check_instruction(iid, v, kw, prompt) for v in variants))
+    finally:
+        _PAPER.reset(token)
     return IFEvalVerdict(tuple(instruction_ids), tuple(strict), tuple(loose))

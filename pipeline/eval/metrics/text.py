@@ -5,7 +5,10 @@ Three normalisations are in use, each matching the official scorer of its benchm
 * :func:`normalize_squad` — the SQuAD / HotpotQA / Qasper / HELMET one: lower-case, drop ASCII
   punctuation, drop the articles ``a``/``an``/``the``, collapse whitespace.
 * :func:`normalize_locomo` — LoCoMo's ``task_eval/evaluation.py``: the same, but commas are deleted
-  first and ``and`` is dropped like an article.
+  first and ``and`` is dropped like an article, and the word boundaries of that rule are the ``regex``
+  module's (as upstream), not ``re``'s: ``regex`` counts combining marks and zero-width joiners as word
+  characters and superscript digits as non-word, so ``"the\u0301"`` keeps its article while
+  ``"the\u00b2"`` loses it. ``nfd=True`` (the δ-mem paper's copy) NFD-decomposes the text first.
 * no normalisation but lower-casing, for substring checks the upstream code does on raw text
   (LoCoMo's adversarial check, RULER's recall).
 
@@ -17,13 +20,16 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
+import regex
+
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_ARTICLES_AND = re.compile(r"\b(a|an|the|and)\b")
+_ARTICLES_AND = regex.compile(r"\b(a|an|the|and)\b")  # regex's word boundaries, as LoCoMo's code
 YES_NO_NOANSWER = ("yes", "no", "noanswer")
 
 
@@ -36,9 +42,13 @@ def normalize_squad(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", _strip_punct(text.lower())).split())
 
 
-def normalize_locomo(text: str) -> str:
-    """LoCoMo's normalisation: delete commas, then lower, remove punctuation, remove a/an/the/and."""
-    return " ".join(_ARTICLES_AND.sub(" ", _strip_punct(text.replace(",", "").lower())).split())
+def normalize_locomo(text: str, nfd: bool = False) -> str:
+    """LoCoMo's normalisation: delete commas, (``nfd``: NFD-decompose,) lower, remove punctuation,
+    remove a/an/the/and (``regex`` word boundaries), squeeze whitespace."""
+    text = text.replace(",", "")
+    if nfd:
+        text = unicodedata.normalize("NFD", text)
+    return " ".join(_ARTICLES_AND.sub(" ", _strip_punct(text.lower())).split())
 
 
 def _prf(pred_tokens: list[str], gold_tokens: list[str]) -> tuple[float, float, float]:
@@ -111,19 +121,30 @@ def stem(word: str) -> str:
     return _stemmer().stem(word)
 
 
-def locomo_f1(prediction: str, gold: str) -> float:
-    """LoCoMo's ``f1_score``: token F1 of the Porter-stemmed :func:`normalize_locomo` tokens."""
-    pred = [stem(w) for w in normalize_locomo(prediction).split()]
-    ref = [stem(w) for w in normalize_locomo(gold).split()]
+def locomo_f1(prediction: str, gold: str, nfd: bool = False) -> float:
+    """LoCoMo's ``f1_score``: token F1 of the Porter-stemmed :func:`normalize_locomo` tokens
+    (0 when nothing overlaps, so also when either side is empty)."""
+    pred = [stem(w) for w in normalize_locomo(prediction, nfd).split()]
+    ref = [stem(w) for w in normalize_locomo(gold, nfd).split()]
     return _prf(pred, ref)[0]
 
 
-def locomo_multi_f1(prediction: str, gold: str) -> float:
+def locomo_multi_f1(prediction: str, gold: str, paper: bool = False) -> float:
     """LoCoMo's multi-hop score (``f1``): split both strings on commas; for every gold sub-answer take
-    the best :func:`locomo_f1` over the predicted sub-answers; average over the gold sub-answers."""
+    the best :func:`locomo_f1` over the predicted sub-answers; average over the gold sub-answers:
+
+        F1_multi = (1/|G|) Σ_{g∈G} max_{p∈P} F1(p, g)
+
+    Upstream keeps empty sub-answers (a gold ``"x,"`` has two parts, the empty one scoring 0).
+    ``paper=True`` is the δ-mem paper's copy: empty parts dropped on both sides (0 when none is
+    left) and NFD normalisation."""
     preds = [p.strip() for p in prediction.split(",")]
     golds = [g.strip() for g in gold.split(",")]
-    return sum(max(locomo_f1(p, g) for p in preds) for g in golds) / len(golds)
+    if paper:
+        preds, golds = [p for p in preds if p], [g for g in golds if g]
+        if not preds or not golds:
+            return 0.0
+    return sum(max(locomo_f1(p, g, nfd=paper) for p in preds) for g in golds) / len(golds)
 
 
 LOCOMO_ABSTAIN_PHRASES = ("no information available", "not mentioned")

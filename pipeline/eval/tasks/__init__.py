@@ -7,13 +7,24 @@ Usage::
     task = get_task("locomo")
     messages = task.context_messages(example, task.fit_context(example, budget, count_tokens))
     settings = task.decoding(example)            # Decoding(max_new_tokens=50, do_sample=False, ...)
-    row = task.score_row(example, generated_text)
+    row = task.score_row(example, generated_text, scoring="delta-mem")  # or "official" (default)
     summary = task.aggregate(rows)               # {"f1": ..., "f1/category/temporal": ..., "n": ...}
 """
 
 from __future__ import annotations
 
-from .base import DECODING_MODES, Decoding, Message, Task, aggregate_means
+from .base import (
+    DECODING_MODES,
+    SCORING_VERSION,
+    SCORINGS,
+    Decoding,
+    Message,
+    Task,
+    aggregate_means,
+    check_scoring,
+    rescore_rows,
+    scoring_id,
+)
 from .choice import GPQATask, IFEvalTask, parse_choice
 from .locomo import LoCoMoTask
 from .memoryagentbench import MemoryAgentBenchTask
@@ -43,6 +54,8 @@ def get_task(name: str) -> Task:
 
 __all__ = [
     "DECODING_MODES",
+    "SCORINGS",
+    "SCORING_VERSION",
     "TASKS",
     "Decoding",
     "GPQATask",
@@ -55,6 +68,9 @@ __all__ = [
     "SyntheticTask",
     "Task",
     "aggregate_means",
+    "check_scoring",
     "get_task",
     "parse_choice",
+    "rescore_rows",
+    "scoring_id",
 ]

@@ -15,8 +15,13 @@ condition                     messages
                               top-k segments (:mod:`pipeline.eval.retrieval`)
 ============================  ===================================================================
 
-Scoring: :meth:`Task.score` gives the per-example metrics (floats), :meth:`Task.row` /
-:meth:`Task.score_row` a JSON-ready record with the example's category and groups, and
+Scoring: :meth:`Task.score` gives the per-example metrics (floats) of a generated text under a named
+**scoring protocol** (:data:`SCORINGS`): ``official`` — what the benchmark's own code does, its text
+cleanup included — or ``delta-mem`` — what the δ-mem paper's evaluation code does where it differs
+(docs/EVALUATION.md lists both per benchmark). Scores are a pure function of (example, generated
+text, protocol), so stored predictions can be re-scored under another protocol without generating
+again (:func:`rescore_rows`). :meth:`Task.row` / :meth:`Task.score_row` give a JSON-ready record
+with the example's category, groups and protocol, and
 :meth:`Task.aggregate` the benchmark numbers from such records: ``<metric>`` overall,
 ``<metric>/category/<category>`` and ``<metric>/<group>/<value>`` breakdowns, and the counts ``n``,
 ``n/category/<category>``. :attr:`Task.headline` names the key the benchmark reports.
@@ -29,6 +34,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.data.schema import Example, Segment
@@ -37,6 +43,21 @@ from pipeline.data.tokenize import RenderConfig, write_messages
 Message = dict[str, str]
 DecodingMode = Literal["greedy", "paper"]
 DECODING_MODES: tuple[str, ...] = ("greedy", "paper")
+SCORINGS: tuple[str, ...] = ("official", "delta-mem")
+# bump when a scoring rule changes: stored predictions are then re-scored (not regenerated)
+SCORING_VERSION = 2
+
+
+def check_scoring(scoring: str) -> str:
+    """``scoring`` if it names a protocol, else ``ValueError`` listing the known ones."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; known: {', '.join(SCORINGS)}")
+    return scoring
+
+
+def scoring_id(scoring: str) -> str:
+    """The protocol with the scoring code's version (``official/v2``): what a stored row was scored by."""
+    return f"{check_scoring(scoring)}/v{SCORING_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -166,23 +187,36 @@ class Task:
         """The part of the generated text the metric reads (default: stripped)."""
         return prediction.strip()
 
-    def score(self, example: Example, prediction: str) -> dict[str, float]:
-        """Per-example metrics (floats in [0, 1] unless documented otherwise)."""
+    def score(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, float]:
+        """Per-example metrics (floats in [0, 1] unless documented otherwise) under the protocol
+        ``scoring``. ``data_dir``: the folder of the prepared split, for tasks whose official scorer
+        reads a side file there (MemoryAgentBench's ``entity2id.json``)."""
         raise NotImplementedError
+
+    def check_scoring_inputs(self, examples: Sequence[Example], scoring: str, data_dir: Path | None) -> None:
+        """Raise ``ValueError`` (one line, naming the file or field) when ``examples`` cannot be scored
+        under ``scoring`` — called before anything is generated."""
+        check_scoring(scoring)
 
     def groups(self, example: Example) -> dict[str, str]:
         """Extra breakdowns besides the category (e.g. MemoryAgentBench's source)."""
         return {}
 
-    def details(self, example: Example, prediction: str) -> dict[str, Any]:
+    def details(self, example: Example, prediction: str, scoring: str = "official") -> dict[str, Any]:
         """JSON-ready per-example extras the aggregate may use (e.g. IFEval's per-instruction verdicts)."""
         return {}
 
     def row(
-        self, example: Example, scores: Mapping[str, float], details: Mapping[str, Any] | None = None
+        self,
+        example: Example,
+        scores: Mapping[str, float],
+        details: Mapping[str, Any] | None = None,
+        scoring: str | None = None,
     ) -> dict[str, Any]:
-        """A JSON-ready scored record for :meth:`aggregate`."""
-        return {
+        """A JSON-ready scored record for :meth:`aggregate` (``scoring``: the protocol, when known)."""
+        out = {
             "example_id": example.example_id,
             "task": self.name,
             "category": example.category,
@@ -190,10 +224,21 @@ class Task:
             "scores": dict(scores),
             "details": dict(details or {}),
         }
+        if scoring is not None:
+            out["scoring"] = scoring
+        return out
 
-    def score_row(self, example: Example, prediction: str) -> dict[str, Any]:
-        """:meth:`score` and :meth:`details` packed by :meth:`row`."""
-        return self.row(example, self.score(example, prediction), self.details(example, prediction))
+    def score_row(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, Any]:
+        """:meth:`score` and :meth:`details` under ``scoring``, packed by :meth:`row`."""
+        check_scoring(scoring)
+        return self.row(
+            example,
+            self.score(example, prediction, scoring, data_dir),
+            self.details(example, prediction, scoring),
+            scoring,
+        )
 
     def _as_rows(self, rows: Iterable[ScoredRow | tuple[Example, Mapping[str, float]]]) -> list[ScoredRow]:
         out = []
@@ -245,3 +290,24 @@ def question_index(example: Example) -> int:
         return int(example.metadata.get("question_index", 0))
     except (TypeError, ValueError):
         return 0
+
+
+# keys of a stored row that scoring writes (the rest — prediction, tokens, ids — is kept on re-scoring)
+SCORED_KEYS = ("example_id", "task", "category", "groups", "scores", "details", "scoring")
+
+
+def rescore_rows(
+    task: Task,
+    rows: Sequence[Mapping[str, Any]],
+    examples: Mapping[str, Example],
+    scoring: str,
+    data_dir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Stored rows (each with ``example_id`` and the generated ``prediction``) scored again under
+    ``scoring``: the scored keys are replaced, every other key is kept as it was."""
+    out = []
+    for r in rows:
+        fresh = task.score_row(examples[r["example_id"]], str(r.get("prediction") or ""), scoring, data_dir)
+        kept = {k: v for k, v in r.items() if k not in SCORED_KEYS}
+        out.append({**fresh, **kept})
+    return out

@@ -5,22 +5,27 @@ empty; in the paper they are scored with δ-mem writing online while it reads th
 
 * ``gpqa``: the four shuffled options (the reader shuffles them deterministically per record) lettered
   A–D, and the instruction to end with ``{"answer": "C"}``; greedy, up to 8,192 new tokens (the
-  protocol's budget: reasoning models think first). Accuracy of the letter :func:`parse_choice` finds.
+  protocol's budget: reasoning models think first). Accuracy of the letter :func:`parse_choice` finds:
+  scoring ``delta-mem`` = the paper's ``extract_gpqa_letter`` (made for this JSON prompt),
+  ``official`` = the GPQA baselines' ``parse_sampled_answer`` (made for their "The correct answer is
+  (X)" prompt, so it misses most JSON replies — the preset scores GPQA the paper's way).
 * ``ifeval``: the prompt as the only user turn; greedy, 1,500 new tokens. Prompt- and instruction-level
-  accuracy, strict and loose (:mod:`pipeline.eval.metrics.ifeval`).
+  accuracy, strict and loose (:mod:`pipeline.eval.metrics.ifeval`); scoring ``delta-mem`` swaps in the
+  paper's stand-ins for langdetect and NLTK (``ifeval_compat.py``), ``official`` is the google-research
+  / lm-evaluation-harness behaviour.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline.data.schema import Example
 
 from ..metrics.ifeval import IFEvalVerdict, evaluate_response
-from .base import Message, ScoredRow, Task, mean
+from .base import Message, ScoredRow, Task, check_scoring, mean
 
 LETTERS = "ABCD"
 GPQA_INSTRUCTION = (
@@ -28,55 +33,65 @@ GPQA_INSTRUCTION = (
     'the answer as JSON on its own line, in the form {"answer": "C"}, where the letter is one of A, B, C or D.'
 )
 
-_JSON_OBJECT = re.compile(r"\{[^{}]*\}")
-_JSON_FIELD = re.compile(r"""["']?answer["']?\s*:\s*["']?\(?\s*([A-Da-d])\s*\)?["']?""", re.IGNORECASE)
-_BOXED = re.compile(r"\\boxed\s*\{\s*(?:\\text\s*\{\s*)?\(?([A-D])\)?")
-_STATED = re.compile(
-    r"\b(?:final\s+answer|answer|correct\s+(?:answer|option|choice)|option|choice)\s*(?:is|:|=|-)?\s*"
-    r"(?:option\s+|choice\s+)?[\(\[*\"']*([A-D])\b(?![\w'-])",
-    re.IGNORECASE,
+# the δ-mem paper's extract_gpqa_letter (benchmark_compare.py), tried in order, the last match of the
+# first pattern that matches wins; all case-insensitive, "." spans lines
+_PAPER_PATTERNS = tuple(
+    re.compile(p, re.IGNORECASE | re.DOTALL)
+    for p in (
+        r'```json\s*\{[^`]*?"answer"\s*:\s*"([ABCD])"[^`]*\}\s*```',
+        r'"answer"\s*:\s*"([ABCD])"',
+        r"\\boxed\{\s*(?:\\text\{)?\s*([ABCD])\s*\}?\s*\}",
+        r"(?:final answer|correct answer|answer)\s*[:：]\s*\**\s*([ABCD])\b",
+        r"(?:final answer|correct answer)\s*(?:is)?\s*\**\s*([ABCD])\b",
+    )
 )
-_LINE_LETTER = re.compile(r"^[\s*\"'(\[]*([A-D])[\s*\"')\].:]*$", re.MULTILINE)
-_PAREN_LETTER = re.compile(r"\(([A-D])\)")
-_LONE_LETTER = re.compile(r"(?<![\w'-])([A-D])(?![\w'-])")
+_PAPER_LINE_ONLY = re.compile(r"^\s*[\*\(\[]*([ABCD])[\*\)\]\.\:]*\s*$", re.IGNORECASE)
+_PAPER_LINE_START = re.compile(r"^\s*([ABCD])(?:[\.)\:]|\s{2,}|$)", re.IGNORECASE)
+# the GPQA baselines' parse_sampled_answer (idavidrein/gpqa), for its "The correct answer is (X)"
+# prompt: the first pattern whose first match is a capital A-D; case-sensitive
+_OFFICIAL_PATTERNS = tuple(
+    re.compile(p) for p in (r"answer is \((.)\)", r"Answer: \((.)\)", r"answer: \((.)\)", r"answer \((.)\)", r"\((.)\)")
+)
 
 
-def parse_choice(text: str) -> str | None:
-    """The answer letter (A–D) in a reply, or None. Tried in order, the last match of each rule wins:
+def paper_letter(text: str) -> str | None:
+    """The δ-mem paper's ``extract_gpqa_letter`` (upper-cased letter, or None):
 
-    1. a JSON object with an ``answer`` field (``{"answer": "C"}``, also ``{'answer': '(c)'}``);
-    2. ``\\boxed{C}``;
-    3. a stated answer: ``Answer: C``, ``the answer is (C)``, ``correct option: **C**``;
-    4. a line that is only the letter (``C``, ``(C)``, ``C.``, ``**C**``);
-    5. ``(C)`` anywhere;
-    6. the last standalone capital A–D, ignoring "A" used as an article (followed by a lowercase word).
+    1. the last match of the first of: a fenced JSON block with ``"answer": "C"``; ``"answer": "C"``;
+       ``\\boxed{C}``; ``answer:``/``final answer:``/``correct answer:`` then the letter;
+       ``final answer (is) C`` / ``correct answer (is) C`` (all case-insensitive, double quotes only);
+    2. else the first, then the last non-blank line: the letter alone (``C``, ``(C)``, ``**C**``,
+       ``C.``), or a line starting with the letter followed by ``.``, ``)``, ``:``, two spaces or the
+       end of the line.
     """
-    if not text:
-        return None
-    for obj in reversed(_JSON_OBJECT.findall(text)):
-        try:
-            data = json.loads(obj)
-        except ValueError:
-            data = None
-        if isinstance(data, dict):
-            for key, value in data.items():
-                if str(key).strip().lower() == "answer" and isinstance(value, str):
-                    letter = value.strip().strip("()").strip().upper()
-                    if letter in LETTERS and len(letter) == 1:
-                        return letter
-        m = _JSON_FIELD.search(obj)
-        if m:
-            return m.group(1).upper()
-    for pattern in (_BOXED, _STATED, _LINE_LETTER, _PAREN_LETTER):
+    for pattern in _PAPER_PATTERNS:
         found = pattern.findall(text)
         if found:
-            return found[-1].upper()
-    for m in reversed(list(_LONE_LETTER.finditer(text))):
-        letter = m.group(1)
-        if letter == "A" and re.match(r"\s+[a-z]", text[m.end() :]):
-            continue  # the article "A"
-        return letter
+            return str(found[-1]).upper()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None
+    for line in (lines[0], lines[-1]):
+        m = _PAPER_LINE_ONLY.match(line) or _PAPER_LINE_START.match(line)
+        if m:
+            return m.group(1).upper()
     return None
+
+
+def official_letter(text: str) -> str | None:
+    """The GPQA baselines' ``parse_sampled_answer``: for each of ``answer is (X)``, ``Answer: (X)``,
+    ``answer: (X)``, ``answer (X)``, ``(X)`` in turn, its first occurrence; returned when X is one of
+    the capitals A–D, else the next pattern is tried (so ``(b)`` or ``(1)`` first hides a later ``(B)``)."""
+    for pattern in _OFFICIAL_PATTERNS:
+        m = pattern.search(text)
+        if m and m.group(1) in LETTERS:
+            return m.group(1)
+    return None
+
+
+def parse_choice(text: str, scoring: str = "official") -> str | None:
+    """The answer letter of a reply under a scoring protocol (:func:`official_letter` or :func:`paper_letter`)."""
+    return paper_letter(text) if check_scoring(scoring) == "delta-mem" else official_letter(text)
 
 
 class GPQATask(Task):
@@ -99,13 +114,15 @@ class GPQATask(Task):
     def render_context(self, example: Example, segments=None) -> str:  # type: ignore[override]
         return ""
 
-    def score(self, example: Example, prediction: str) -> dict[str, float]:
-        letter = parse_choice(prediction)
+    def score(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, float]:
+        letter = parse_choice(prediction, scoring)
         gold = (example.answers[0] if example.answers else "").strip().upper()
         return {"accuracy": float(letter is not None and letter == gold), "answered": float(letter is not None)}
 
-    def details(self, example: Example, prediction: str) -> dict[str, Any]:
-        return {"parsed": parse_choice(prediction)}
+    def details(self, example: Example, prediction: str, scoring: str = "official") -> dict[str, Any]:
+        return {"parsed": parse_choice(prediction, scoring)}
 
 
 class IFEvalTask(Task):
@@ -128,13 +145,16 @@ class IFEvalTask(Task):
     def render_context(self, example: Example, segments=None) -> str:  # type: ignore[override]
         return ""
 
-    def _verdict(self, example: Example, prediction: str) -> IFEvalVerdict:
+    def _verdict(self, example: Example, prediction: str, scoring: str = "official") -> IFEvalVerdict:
         ids = example.instruction_ids or []
         kwargs = example.kwargs if example.kwargs is not None else [{} for _ in ids]
-        return evaluate_response(ids, kwargs, prediction, example.question)
+        paper = check_scoring(scoring) == "delta-mem"
+        return evaluate_response(ids, kwargs, prediction, example.question, paper=paper)
 
-    def score(self, example: Example, prediction: str) -> dict[str, float]:
-        return self._scores(self._verdict(example, prediction))
+    def score(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, float]:
+        return self._scores(self._verdict(example, prediction, scoring))
 
     @staticmethod
     def _scores(v: IFEvalVerdict) -> dict[str, float]:
@@ -147,16 +167,18 @@ class IFEvalTask(Task):
             "n_instructions": float(n),
         }
 
-    def details(self, example: Example, prediction: str) -> dict[str, Any]:
-        return self._details(self._verdict(example, prediction))
+    def details(self, example: Example, prediction: str, scoring: str = "official") -> dict[str, Any]:
+        return self._details(self._verdict(example, prediction, scoring))
 
     @staticmethod
     def _details(v: IFEvalVerdict) -> dict[str, Any]:
         return {"instruction_ids": list(v.instruction_ids), "strict": list(v.strict), "loose": list(v.loose)}
 
-    def score_row(self, example: Example, prediction: str) -> dict[str, Any]:
-        v = self._verdict(example, prediction)  # checked once for both scores and details
-        return self.row(example, self._scores(v), self._details(v))
+    def score_row(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, Any]:
+        v = self._verdict(example, prediction, scoring)  # checked once for both scores and details
+        return self.row(example, self._scores(v), self._details(v), check_scoring(scoring))
 
     def aggregate(self, rows) -> dict[str, float]:  # type: ignore[override]
         rows: Sequence[ScoredRow] = self._as_rows(rows)

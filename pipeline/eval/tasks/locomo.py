@@ -9,25 +9,53 @@ approximate date." appended; category 5 (adversarial) questions are posed as ups
 "(a) No information available (b) <adversarial answer>" (order fixed per question by a hash of its id,
 where upstream flips a coin).
 
-Metric: upstream ``eval_question_answering``. The first non-empty line of the generation is scored
-(upstream post-processing). Categories 2–4: Porter-stemmed token F1 after LoCoMo's normalisation;
-category 3 golds are cut at the first ``;``; category 1 (multi-hop): both strings split on commas, mean
-over gold sub-answers of the best F1 over predicted sub-answers; category 5: 1 if the answer says "not
-mentioned" / "no information available" (an "(a)"/"(b)" reply is first mapped to that option's text).
-The headline ``f1`` averages categories 1–4 (1,540 questions of locomo10.json), as in the paper's
-protocol; ``f1/category/adversarial`` is reported on its own and ``f1_all`` averages all five.
+Metric (two protocols, per question; docs/EVALUATION.md):
+
+* ``official`` — upstream ``task_eval/hf_llm_utils.py`` post-processing, then ``evaluation.py``'s
+  ``eval_question_answering`` and ``evaluate_qa.py``'s rounding. Cleanup: ``\\"`` → ``'``, strip, the
+  first line split on ``"\n"`` only, stripped; category 5: lower-cased, ``"(a)"`` anywhere → option
+  (a), anything else → option (b); other categories: lower-cased, every ``"(a)"``, ``"(b)"``,
+  ``"a)"``, ``"b)"``, ``"answer:"`` deleted (anywhere), stripped. Score: categories 2–4
+  Porter-stemmed token F1 after LoCoMo's normalisation (``regex`` word boundaries), against the
+  record's ``answer`` (category 3 cut at the first ``;``); category 1 the comma-split multi-answer
+  F1; category 5 1 if the answer says "not mentioned" / "no information available"; each question's
+  score rounded to 3 decimals.
+* ``delta-mem`` — the paper's ``deltamem/eval/locomo_protocol.py``: the first non-blank line by
+  ``str.splitlines``; category 5: ``"(a)"`` anywhere, ``"a"`` or a leading ``"a)"`` → (a), the same
+  for (b), else an answer naming the abstention keeps it, else the cleaned text (no fallback to (b));
+  NFD normalisation before the F1, empty comma parts dropped in the multi-answer F1; rounded to 4
+  decimals.
+
+Both: the category-5 distractor is the record's ``answer`` when it has one, else its
+``adversarial_answer`` (upstream's order). The headline ``f1`` averages categories 1–4 (1,540
+questions of locomo10.json), as in the paper's protocol; ``f1/category/adversarial`` is reported on
+its own and ``f1_all`` averages all five.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 
 from pipeline.data.schema import Example, Segment
 from pipeline.data.tokenize import DEFAULT_WRITE_SYSTEM, RenderConfig
 
-from ..metrics.text import first_line, locomo_abstains, locomo_f1, locomo_multi_f1, strip_answer_prefix
-from .base import Decoding, DecodingMode, Message, ScoredRow, Task, aggregate_means, mean, question_index
+from ..metrics import paper
+from ..metrics.text import locomo_abstains, locomo_f1, locomo_multi_f1
+from .base import (
+    Decoding,
+    DecodingMode,
+    Message,
+    ScoredRow,
+    Task,
+    aggregate_means,
+    check_scoring,
+    mean,
+    question_index,
+)
 
 SYSTEM = (
     "You are a helpful, respectful and honest assistant whose job is to understand the following conversation "
@@ -79,7 +107,11 @@ class LoCoMoTask(Task):
         """(option a, option b) of a category-5 question, or None (other categories, or no adversarial answer)."""
         if not self.adversarial_choices or category_number(example) != 5:
             return None
-        wrong = example.metadata.get("adversarial_answer") or example.metadata.get("raw_answer")
+        # upstream (hf_llm_utils.py, and the paper's locomo_protocol.py) prefer "answer" to
+        # "adversarial_answer"; the reader keeps a category-5 "answer" as raw_answer
+        wrong = example.metadata.get("raw_answer")
+        if wrong is None:
+            wrong = example.metadata.get("adversarial_answer")
         if not wrong:
             return None
         if hashlib.sha256(example.example_id.encode()).digest()[0] % 2 == 0:
@@ -141,30 +173,53 @@ class LoCoMoTask(Task):
         )
 
     # -- scoring -------------------------------------------------------------------------------------
-    def postprocess(self, example: Example, prediction: str) -> str:
-        """First non-empty line, quotes unescaped, a leading "Answer:" dropped; a category-5 "(a)"/"(b)"
-        reply becomes the chosen option's text."""
-        text = strip_answer_prefix(first_line(prediction.replace('\\"', "'")))
+    def postprocess(self, example: Example, prediction: str, scoring: str = "official") -> str:
+        """The answer text the metric reads, cleaned as the protocol's code does (module doc)."""
+        check_scoring(scoring)
+        text = prediction.replace('\\"', "'").strip()
         options = self.adversarial_options(example)
-        if options is not None:
+        if scoring == "official":
+            text = text.split("\n")[0].strip()
             low = text.lower()
-            if "(a)" in low:
-                return options[0]
-            if "(b)" in low:
-                return options[1]
-        return text
+            if options is not None:
+                return options[0] if "(a)" in low.strip() else options[1]
+        else:
+            text = paper.first_line(text) if text else text
+            low = text.lower()
+            if options is not None:
+                if "(a)" in low or low == "a" or low.startswith("a)"):
+                    return options[0]
+                if "(b)" in low or low == "b" or low.startswith("b)"):
+                    return options[1]
+                if locomo_abstains(low):
+                    return NO_INFORMATION
+        for token in ("(a)", "(b)", "a)", "b)", "answer:"):
+            low = low.replace(token, "")
+        return low.strip()
 
-    def score(self, example: Example, prediction: str) -> dict[str, float]:
-        pred = self.postprocess(example, prediction)
-        number = category_number(example)
-        if number == 5:
-            return {"f1": locomo_abstains(pred)}
-        gold = example.answers[0] if example.answers else ""
-        if number == 3:
+    def gold(self, example: Example) -> str:
+        """The record's ``answer`` as upstream scores it (``str``; category 3 cut at the first ``;``)."""
+        raw = example.metadata.get("raw_answer")
+        gold = str(raw) if raw is not None else (example.answers[0] if example.answers else "")
+        if category_number(example) == 3:
             gold = gold.split(";")[0].strip()
-        if number == 1:
-            return {"f1": float(locomo_multi_f1(pred, gold))}
-        return {"f1": locomo_f1(pred, gold)}
+        return gold
+
+    def score(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, float]:
+        pred = self.postprocess(example, prediction, scoring).strip()
+        number = category_number(example)
+        paper_rules = scoring == "delta-mem"
+        if number == 5:
+            value = locomo_abstains(pred)
+        elif number == 1:
+            value = locomo_multi_f1(pred, self.gold(example), paper=paper_rules)
+            if not paper_rules:  # upstream's value is an np.mean, and numpy rounds it its own way
+                return {"f1": float(round(np.float64(value), 3))}
+        else:
+            value = locomo_f1(pred, self.gold(example), nfd=paper_rules)
+        return {"f1": round(float(value), 4 if paper_rules else 3)}
 
     def headline_rows(self, rows: Sequence[ScoredRow]) -> list[ScoredRow]:
         return [r for r in rows if r.get("category") != "adversarial"]

@@ -5,27 +5,43 @@ answer is not in the memory context, reply exactly: I don't know." + the context
 Answer:". The context (the row's chunks) is pre-clipped to 120,000 characters, keeping the first third
 and the last two thirds (:func:`clip_middle`), before the runner clips it to the window by tokens.
 
-Metrics by source family (``metadata["source"]`` prefix), following the benchmark's published metrics
-(HELMET-style normalisation: lower, no punctuation, no articles):
+Sources are grouped into families (``metadata["source"]`` prefix) for the generation budgets and
+the breakdowns:
 
-==========================  ====================  ==========================================  ======
-source prefix               family                per-example ``score``                        tokens
-==========================  ====================  ==========================================  ======
-``ruler_qa``                ruler_qa              substring exact match, max over aliases      50
-``ruler_niah``              ruler_niah            fraction of gold values found (RULER recall) 50
-``longmemeval``             longmemeval           substring exact match (upstream: GPT judge)  50
-``eventqa``                 eventqa               substring exact match                        50
-``infbench_qa``             infbench_qa           substring exact match                        50
-``infbench_sum``            infbench_sum          token F1 against the reference summary       1200
-``detective``               detectiveqa           substring exact match                        50
-``factconsolidation``       factconsolidation     substring exact match                        10
-``icl``                     icl                   exact match of the parsed ``label:``          20
-``recsys``                  recsys                Recall@5 of the recommended titles           300
-anything else               other                 substring exact match                        50
-==========================  ====================  ==========================================  ======
+==========================  ====================  ======
+source prefix               family                tokens
+==========================  ====================  ======
+``ruler_qa``                ruler_qa              50
+``ruler_niah``              ruler_niah            50
+``longmemeval``             longmemeval           50
+``eventqa``                 eventqa               50
+``infbench_qa``             infbench_qa           50
+``infbench_sum``            infbench_sum          1200
+``detective``               detectiveqa           50
+``factconsolidation``       factconsolidation     10
+``icl``                     icl                   20
+``recsys``                  recsys                300
+anything else               other                 50
+==========================  ====================  ======
 
-As upstream (HELMET's ``default_post_process``), exact/substring/F1 take the max of the raw generation
-and the text after ``Answer:`` (or its first line). Every row also carries ``em``, ``f1`` and ``subem``.
+Per-example ``score`` (the headline; docs/EVALUATION.md lists every rule and deviation):
+
+* scoring ``official`` — the benchmark's ``utils/eval_other_utils.py`` ``post_process``, routed by
+  substrings of the source name as upstream, and the metric its README names per dataset. Metrics
+  (``em``, ``f1``, ``subem``) are SQuAD-normalised, max over the golds; "default" = the max of the
+  raw reply's and the parsed reply's metrics, "parsed" = the text after ``Answer:`` on its line,
+  else the first line. ``icl``: exact match of the parsed reply; ``eventqa``: substring match of the
+  parsed reply (plus ``eventqa_recall``); ``ruler_niah``: the share of golds found in the
+  lower-cased reply; ``recsys``: Recall@5 of ids through ``entity2id.json``
+  (:mod:`pipeline.eval.metrics.recsys`); ``detective``: default exact match; ``infbench_sum``:
+  default token F1 and ``longmemeval``: default substring match (both judged by an LLM upstream —
+  a documented deviation); everything else: default substring match. The F1 has the yes/no/noanswer
+  rule and a gold that normalises to nothing is found in every reply, as upstream.
+* scoring ``delta-mem`` — the paper's ``benchmark_compare.py``: the golds become aliases (stripped,
+  deduplicated, :func:`pipeline.eval.metrics.paper.answer_aliases`); ``infbench_sum_eng_shots2``:
+  the alias F1 (rounded to 4 decimals); ``recsys_*``: the official Recall@5 (rounded to 4
+  decimals); every other source: alias accuracy (:func:`pipeline.eval.metrics.paper.alias_correct`).
+
 ``aggregate``: ``score`` = sample-weighted mean over all questions, plus ``score/source/<source>``,
 ``score/family/<family>`` and ``score/category/<competency>``.
 """
@@ -34,12 +50,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.data.schema import Example, Segment
 from pipeline.data.tokenize import DEFAULT_WRITE_SYSTEM, RenderConfig
 
-from ..metrics.text import exact_match, max_over, normalize_squad, parse_labelled, substring_match, token_f1
-from .base import Decoding, DecodingMode, Message, Task
+from ..metrics import paper
+from ..metrics.recsys import CatalogError, MovieCatalog, is_id, load_catalog, recsys_recall
+from ..metrics.text import exact_match, hotpot_prf, max_over, normalize_squad, parse_labelled
+from .base import Decoding, DecodingMode, Message, Task, check_scoring
+
+ENTITY2ID = "entity2id.json"  # the recsys movie mapping, read from the prepared split's folder
 
 INSTRUCTION = (
     "Use only the memory context below to answer the question. If the answer is not in the memory context, "
@@ -51,7 +72,7 @@ INSTRUCTION_QUESTION_ONLY = (
 )
 MAX_CONTEXT_CHARS = 120_000
 
-# (prefix, family, metric, max_new_tokens); the first matching prefix wins
+# (prefix, family, official headline metric, max_new_tokens); the first matching prefix wins
 FAMILIES: tuple[tuple[str, str, str, int], ...] = (
     ("ruler_qa", "ruler_qa", "subem", 50),
     ("ruler_niah", "ruler_niah", "recall", 50),
@@ -59,9 +80,9 @@ FAMILIES: tuple[tuple[str, str, str, int], ...] = (
     ("eventqa", "eventqa", "subem", 50),
     ("infbench_qa", "infbench_qa", "subem", 50),
     ("infbench_sum", "infbench_sum", "f1", 1200),
-    ("detective", "detectiveqa", "subem", 50),
+    ("detective", "detectiveqa", "em", 50),
     ("factconsolidation", "factconsolidation", "subem", 10),
-    ("icl", "icl", "em_label", 20),
+    ("icl", "icl", "em", 20),
     ("recsys", "recsys", "recall@5", 300),
 )
 DEFAULT_FAMILY = ("", "other", "subem", 50)
@@ -93,7 +114,7 @@ def _title_key(title: str) -> str:
 
 
 def recommended_titles(prediction: str, k: int = 5) -> list[str]:
-    """The first ``k`` distinct items of a recommendation list (one per line, numbered/bulleted or not;
+    """(Ours, for golds given as titles, which upstream cannot score.) The first ``k`` distinct items of a recommendation list (one per line, numbered/bulleted or not;
     a single line is split on commas/semicolons), normalised without a trailing ``(year)``."""
     lines = [ln for ln in prediction.splitlines() if ln.strip()]
     if len(lines) <= 1:
@@ -120,11 +141,48 @@ def recall_at_k(prediction: str, golds: Sequence[str], k: int = 5) -> float:
 
 
 def ruler_recall(prediction: str, golds: Sequence[str]) -> float:
-    """RULER's ``string_match_all``: share of the gold values occurring (lower-cased) in the prediction."""
+    """RULER's ``string_match_all`` (upstream ``ruler_niah``): share of the gold values occurring
+    (lower-cased) in the prediction."""
     if not golds:
         return 0.0
     low = prediction.lower()
     return sum(1 for g in golds if g.lower() in low) / len(golds)
+
+
+def official_metrics(prediction: str, golds: Sequence[str]) -> dict[str, float]:
+    """Upstream ``calculate_metrics`` (its EM/F1/substring part): SQuAD normalisation, max over the
+    golds; the F1 has the yes/no/noanswer rule; a gold normalising to "" is found in any reply
+    (``"" in s``); no golds → 0 (upstream: ``max()`` of nothing raises)."""
+    if not golds:
+        return {"em": 0.0, "f1": 0.0, "subem": 0.0}
+    p = normalize_squad(prediction)
+    return {
+        "em": max_over(exact_match, prediction, golds),
+        "f1": max(hotpot_prf(prediction, g)[0] for g in golds),
+        "subem": float(any(normalize_squad(g) in p for g in golds)),
+    }
+
+
+def default_metrics(prediction: str, golds: Sequence[str]) -> dict[str, float]:
+    """Upstream ``default_post_process``: per metric, the max over the raw reply and the parsed one."""
+    raw = official_metrics(prediction, golds)
+    parsed = official_metrics(parse_labelled(prediction, "Answer:"), golds)
+    return {k: max(v, parsed[k]) for k, v in raw.items()}
+
+
+def _route(source: str) -> str:
+    """Upstream ``post_process``'s routing on substrings of the source name (order matters)."""
+    if "icl" in source:
+        return "icl"
+    if "eventqa" in source:
+        return "eventqa"
+    if "infbench" in source or "longmemeval" in source:
+        return "choice_eng" if "choice_eng" in source else "default"
+    if "ruler" in source or "mermory_merging" in source:  # upstream's spelling
+        return "ruler_niah" if "ruler_niah" in source else "default"
+    if "recsys" in source:
+        return "recsys"
+    return "default"
 
 
 class MemoryAgentBenchTask(Task):
@@ -156,26 +214,97 @@ class MemoryAgentBenchTask(Task):
         source = example.metadata.get("source") if example is not None else None
         return Decoding(max_new_tokens=family_of(source)[3])
 
-    def score(self, example: Example, prediction: str) -> dict[str, float]:
+    # -- scoring -------------------------------------------------------------------------------------
+    def _catalog(self, data_dir: Path | None) -> MovieCatalog | None:
+        path = data_dir / ENTITY2ID if data_dir is not None else None
+        return load_catalog(path) if path is not None and path.is_file() else None
+
+    def _recsys(self, example: Example, reply: str, data_dir: Path | None) -> dict[str, float]:
         golds = example.answers
-        _, family, metric, _ = family_of(example.metadata.get("source"))
-        raw = prediction.strip()
-        if family == "icl":
-            label = parse_labelled(raw, "label:")
-            em = max_over(exact_match, label, golds)
-            return {"score": em, "em": em, "subem": max_over(substring_match, label, golds)}
-        if family == "recsys":
-            r5 = recall_at_k(raw, golds, 5)
-            return {"score": r5, "recall@5": r5}
-        parsed = parse_labelled(raw, "Answer:")
-        scores = {
-            "em": max(max_over(exact_match, raw, golds), max_over(exact_match, parsed, golds)),
-            "f1": max(max_over(token_f1, raw, golds), max_over(token_f1, parsed, golds)),
-            "subem": max(max_over(substring_match, raw, golds), max_over(substring_match, parsed, golds)),
-        }
-        if metric == "recall":
-            scores["recall"] = ruler_recall(raw, golds)
-        scores["score"] = scores[metric]
+        if golds and all(is_id(g) for g in golds):
+            catalog = self._catalog(data_dir)
+            if catalog is None:
+                raise ValueError(
+                    f"{example.example_id}: recsys golds are movie ids but {data_dir or '?'}/{ENTITY2ID} is missing"
+                )
+            recall = recsys_recall(reply, golds, catalog)
+        else:  # title golds: no upstream rule (the benchmark's golds are ids); ours
+            recall = {"recall@5": recall_at_k(reply, golds, 5)}
+        return recall
+
+    def check_scoring_inputs(self, examples: Sequence[Example], scoring: str, data_dir: Path | None) -> None:
+        """Recsys questions with id golds need ``entity2id.json`` next to the split, naming every gold id."""
+        check_scoring(scoring)
+        id_golds = [
+            (e, g)
+            for e in examples
+            if family_of(e.metadata.get("source"))[1] == "recsys" and e.answers and all(is_id(x) for x in e.answers)
+            for g in e.answers
+        ]
+        if not id_golds:
+            return
+        path = (data_dir or Path(".")) / ENTITY2ID
+        if not path.is_file():
+            raise ValueError(
+                f"{path}: not found; recsys golds are movie ids (e.g. {id_golds[0][1]!r} of "
+                f"{id_golds[0][0].example_id}) and are scored through the benchmark's "
+                f"processed_data/Recsys_Redial/{ENTITY2ID} — put it next to the prepared split"
+            )
+        try:
+            catalog = load_catalog(path)
+        except CatalogError as err:
+            raise ValueError(str(err)) from None
+        for e, g in id_golds:
+            if int(g.strip()) not in catalog.id_to_name:
+                raise ValueError(f"{path}: has no movie id {g.strip()} (gold of {e.example_id})")
+
+    def score(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, float]:
+        check_scoring(scoring)
+        source = str(example.metadata.get("source") or "")
+        if scoring == "delta-mem":
+            return self._score_paper(example, prediction, source, data_dir)
+        golds = example.answers
+        route = _route(source)
+        if route == "recsys":
+            scores = self._recsys(example, prediction, data_dir)
+            return {**scores, "score": scores["recall@5"]}
+        if route == "ruler_niah":
+            recall = ruler_recall(prediction, golds)
+            return {"recall": recall, "score": recall}
+        if route in ("icl", "eventqa"):
+            scores = official_metrics(parse_labelled(prediction, "Answer:"), golds)
+            if route == "eventqa":
+                found = ruler_recall(prediction, golds) if golds else 0.0
+                scores["eventqa_recall"] = float(found == 1.0)
+            scores["score"] = scores["em" if route == "icl" else "subem"]
+            return scores
+        scores = default_metrics(prediction, golds)
+        if route == "choice_eng" and len(golds) > 1:  # the option text (2nd gold) anywhere in the raw reply
+            scores["subem"] = float(golds[1].lower() in prediction.lower())
+            scores["em"] = max(scores["em"], scores["subem"])
+        metric = family_of(source)[2]
+        scores["score"] = scores[metric if metric in scores else "subem"]
+        return scores
+
+    def _score_paper(self, example: Example, prediction: str, source: str, data_dir: Path | None) -> dict[str, float]:
+        aliases = paper.answer_aliases(example.answers)
+        accuracy = paper.alias_correct(prediction, aliases)
+        f1 = round(paper.alias_max_f1(prediction, aliases), 4)
+        scores = {"accuracy": accuracy, "f1": f1}
+        if source.startswith("recsys_"):
+            # the paper re-runs the official post_process with the aliases as golds
+            alias_example = Example(
+                example_id=example.example_id, task=example.task, question=example.question, answers=aliases
+            )
+            recall = self._recsys(alias_example, prediction, data_dir)
+            scores.update({k: round(v, 4) for k, v in recall.items()})
+            scores["score"] = scores["recall@5"]
+        elif source == "infbench_sum_eng_shots2":
+            scores["score"] = f1
+        else:
+            scores["score"] = accuracy
         return scores
 
     def groups(self, example: Example) -> dict[str, str]:

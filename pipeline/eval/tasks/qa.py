@@ -7,20 +7,29 @@
   keep talking after the answer); headline ``em``.
 * ``hotpotqa``: the paper's prompt, "Answer the question using only the passages below. Reply with a
   short span or yes/no only." + ``<title>: <text>`` passages + "Question: … Answer:"; greedy, 32 tokens;
-  EM and F1 of the first line with the official ``hotpot_evaluate_v1.py`` normalisation, including its
-  yes/no/noanswer rule; headline ``f1``.
+  EM and F1 of the first line, max over the golds; headline ``f1``. Scoring ``official``: the first
+  line split on ``"\n"`` (HotpotQA's code scores an answer string and defines no extraction), the
+  ``hotpot_evaluate_v1.py`` normalisation and its yes/no/noanswer rule. ``delta-mem``: the paper's
+  ``extract_first_line`` and ``hotpotqa_f1`` (:mod:`pipeline.eval.metrics.paper`: articles dropped
+  before punctuation, punctuation → spaces, no yes/no rule, two empty answers equal), F1 rounded to 4
+  decimals.
 * ``qasper``: the same kind of prompt over the paper's sections; Qasper's answer F1 (SQuAD
   normalisation, max over the annotators' references, "Unanswerable"/"Yes"/"No" as text, as the
   official ``qasper_evaluator.py``); headline ``f1``.
+
+The synthetic set and Qasper have no δ-mem-paper scorer of their own, so both protocols score them
+alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.data.schema import Example, Segment
 from pipeline.data.tokenize import DEFAULT_READ_SYSTEM, DEFAULT_WRITE_SYSTEM, RenderConfig, read_messages
 
+from ..metrics import paper
 from ..metrics.text import (
     contains_words,
     exact_match,
@@ -30,7 +39,7 @@ from ..metrics.text import (
     strip_answer_prefix,
     token_f1,
 )
-from .base import Message, Task
+from .base import Message, Task, check_scoring
 
 
 def _answer_text(prediction: str) -> str:
@@ -58,7 +67,9 @@ class SyntheticTask(Task):
     def postprocess(self, example: Example, prediction: str) -> str:
         return _answer_text(prediction)
 
-    def score(self, example: Example, prediction: str) -> dict[str, float]:
+    def score(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, float]:
         answer = self.postprocess(example, prediction)
         return {
             "em": max_over(exact_match, answer, example.answers),
@@ -92,12 +103,22 @@ class HotpotQATask(Task):
         content = f"{HOTPOT_INSTRUCTION}\n\n{context}\n\nQuestion: {example.question}\nAnswer:"
         return [{"role": "user", "content": content}]
 
-    def postprocess(self, example: Example, prediction: str) -> str:
-        """The first line (protocol), without a repeated "Answer:" label."""
-        return _answer_text(prediction)
+    def postprocess(self, example: Example, prediction: str, scoring: str = "official") -> str:
+        """The first line of the generation, as the protocol extracts it (module doc)."""
+        if check_scoring(scoring) == "delta-mem":
+            return paper.first_line(prediction)
+        return prediction.strip().split("\n")[0].strip()
 
-    def score(self, example: Example, prediction: str) -> dict[str, float]:
-        answer = self.postprocess(example, prediction)
+    def score(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, float]:
+        answer = self.postprocess(example, prediction, scoring)
+        if scoring == "delta-mem":
+            golds = [str(g).strip() for g in example.answers]
+            return {
+                "em": max_over(paper.span_em, answer, golds),
+                "f1": round(max_over(paper.span_f1, answer, golds), 4),
+            }
         best = max((hotpot_prf(answer, g) for g in example.answers), default=(0.0, 0.0, 0.0))
         return {
             "em": max_over(exact_match, answer, example.answers),
@@ -153,7 +174,9 @@ class QasperTask(Task):
     def postprocess(self, example: Example, prediction: str) -> str:
         return strip_answer_prefix(prediction.strip())
 
-    def score(self, example: Example, prediction: str) -> dict[str, float]:
+    def score(
+        self, example: Example, prediction: str, scoring: str = "official", data_dir: Path | None = None
+    ) -> dict[str, float]:
         answer = self.postprocess(example, prediction)
         return {
             "f1": max_over(token_f1, answer, example.answers),

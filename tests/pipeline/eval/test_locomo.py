@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.data import load_split
 from pipeline.data.schema import Example, Segment
+from pipeline.eval.metrics.text import locomo_abstains
 from pipeline.eval.tasks import get_task
 from pipeline.eval.tasks.locomo import CONV_START, NO_INFORMATION, TEMPORAL_HINT, LoCoMoTask
 from tests.pipeline.conftest import shared_file
@@ -96,11 +97,16 @@ def test_adversarial_question_is_a_choice_and_mapped_back():
     assert f"(a) {a} (b) {b}. Select the correct answer by writing (a) or (b)." in content
     right = "(a)" if a == NO_INFORMATION else "(b)"
     wrong = "(b)" if right == "(a)" else "(a)"
-    assert task.score(ex, right)["f1"] == 1.0
-    assert task.score(ex, f"The answer is {wrong}.")["f1"] == 0.0
-    assert task.score(ex, "This is not mentioned in the conversation.")["f1"] == 1.0
-    assert task.score(ex, "a yoga class")["f1"] == 0.0
-    assert task.score(ex, "")["f1"] == 0.0
+    for scoring in ("official", "delta-mem"):
+        assert task.score(ex, right, scoring)["f1"] == 1.0
+        assert task.score(ex, f"The answer is {wrong}.", scoring)["f1"] == 0.0
+    # a reply naming neither option: option (b) upstream, the text itself in the paper's code
+    neither = "This is not mentioned in the conversation."
+    assert task.score(ex, neither)["f1"] == float(b == NO_INFORMATION)
+    assert task.score(ex, neither, "delta-mem")["f1"] == 1.0
+    assert task.score(ex, "a yoga class")["f1"] == float(b == NO_INFORMATION)
+    assert task.score(ex, "a yoga class", "delta-mem")["f1"] == 0.0
+    assert task.score(ex, "", "delta-mem")["f1"] == 0.0
     # plain variant: no options in the question
     plain = LoCoMoTask(adversarial_choices=False)
     assert "(a)" not in plain.question_messages(ex)[-1]["content"]
@@ -115,9 +121,12 @@ def test_scores_per_category():
     # open-domain: gold cut at ";"
     ex3 = _example(category=3, answer="likely yes; she loves it")
     assert task.score(ex3, "Likely yes")["f1"] == 1.0
-    # only the first line of the generation counts, "Answer:" label dropped
+    # only the first line of the generation counts, "answer:" deleted (anywhere, as upstream)
     ex4 = _example(category=4)
     assert task.score(ex4, "Answer: a support group\nShe told Melanie about it.")["f1"] == 1.0
+    assert task.score(ex4, "a support group (answer: yes)")["f1"] == pytest.approx(0.8)  # "( yes)" stays
+    assert task.score(ex4, "support group for three people")["f1"] == 0.571  # rounded to 3 decimals
+    assert task.score(ex4, "support group for three people", "delta-mem")["f1"] == 0.5714  # to 4
     assert task.score(ex4, "")["f1"] == 0.0
 
 
@@ -126,7 +135,7 @@ def test_aggregate_excludes_adversarial_from_headline():
     rows = [
         task.score_row(_example(category=4), "a support group"),  # 1
         task.score_row(_example(category=2, answer="8 May 2023"), "yesterday"),  # 0
-        task.score_row(_example(category=5, answer="Not mentioned", adversarial_answer="x"), "not mentioned"),  # 1
+        task.score_row(_example(category=5, answer="Not mentioned", adversarial_answer="x"), _choose_abstain()),  # 1
     ]
     agg = task.aggregate(rows)
     assert agg["f1"] == pytest.approx(0.5)
@@ -138,6 +147,11 @@ def test_aggregate_excludes_adversarial_from_headline():
     # (example, scores) pairs are accepted too
     ex = _example(category=4)
     assert task.aggregate([(ex, task.score(ex, "a support group"))])["f1"] == 1.0
+
+
+def _choose_abstain() -> str:
+    a, _ = LoCoMoTask().adversarial_options(_example(category=5, answer="Not mentioned", adversarial_answer="x"))
+    return "(a)" if a == NO_INFORMATION else "(b)"
 
 
 def test_decoding_greedy_default_and_paper_sampling():
@@ -185,16 +199,31 @@ def locomo_examples():
 def test_full_locomo_gold_scores_one_and_empty_zero(locomo_examples):
     task = get_task("locomo")
     assert len(locomo_examples) == 1986
-    gold = task.aggregate(task.score_row(e, e.answers[0]) for e in locomo_examples)
-    assert gold["n"] == 1540  # categories 1-4
-    assert gold["f1"] == 1.0
-    assert gold["f1_all"] == 1.0
-    for name in CATEGORIES.values():
-        assert gold[f"f1/category/{name}"] == 1.0
-    assert gold["n/category/adversarial"] == 446
-    empty = task.aggregate(task.score_row(e, "") for e in locomo_examples)
-    assert empty["f1"] == 0.0
-    assert empty["f1_all"] == 0.0
+    for scoring in ("official", "delta-mem"):
+        rows = [task.score_row(e, e.answers[0], scoring) for e in locomo_examples]
+        gold = task.aggregate(rows)
+        assert gold["n"] == 1540  # categories 1-4
+        assert gold["n/category/adversarial"] == 446
+        # the gold as the reply scores 1, except where the cleanup eats part of it: one multi-hop gold,
+        # "Warrior II, Dancer Pose (Natarajasana), Tree pose" ("a)" is deleted from "Natarajasana)")
+        below = [
+            e.metadata.get("raw_answer")
+            for e, r in zip(locomo_examples, rows, strict=True)
+            if r["scores"]["f1"] < 1 and e.category != "adversarial"
+        ]
+        assert below == ["Warrior II, Dancer Pose (Natarajasana), Tree pose"]
+        for name in ("temporal", "open-domain", "single-hop"):
+            assert gold[f"f1/category/{name}"] == 1.0
+        empty = task.aggregate(task.score_row(e, "", scoring) for e in locomo_examples)
+        assert empty["f1"] == 0.0
+    # category 5 with the abstention text as the reply: the paper's code keeps it (1), upstream maps a
+    # reply naming neither option to option (b), right only where (b) is the abstention
+    adversarial = [e for e in locomo_examples if e.category == "adversarial"]
+    paper = [task.score(e, e.answers[0], "delta-mem")["f1"] for e in adversarial]
+    official = [task.score(e, e.answers[0])["f1"] for e in adversarial]
+    assert paper == [1.0] * len(adversarial)
+    assert official == [locomo_abstains(task.adversarial_options(e)[1]) for e in adversarial]
+    assert 0 < sum(official) < len(adversarial)
 
 
 def test_full_locomo_prompt_lists_every_session(locomo_examples):

@@ -47,7 +47,7 @@ def test_mean_interval_contains_the_mean_and_shrinks_with_n():
 def test_ratio_conventions_for_a_zero_baseline():
     assert ratio(0.4, 0.2) == pytest.approx(2.0)
     assert ratio(0.3, 0.0) == math.inf
-    assert ratio(0.0, 0.0) == 1.0
+    assert math.isnan(ratio(0.0, 0.0))  # undefined: reported as n/a, never 1.00×
 
 
 def test_paired_comparison_when_the_baseline_scores_nothing():

@@ -1,0 +1,115 @@
+"""The ``backbone`` stage's code: load the configured backbone once and save it as a plain Hugging Face folder.
+
+``backbone``: the offline embedded SmolLM2 GGUF (``embedded``), a hub id or a local folder →
+``save_pretrained`` with its tokenizer to ``models/backbone`` (written into a temporary sibling and renamed,
+ordinary permissions), so every later stage loads a plain folder.
+
+:func:`resolve_backbone` is what the stages use to check a configured name before any work starts (before
+torchrun ranks or Ray workers each fail on it): :func:`deltamem.backbones.resolve_source` decides, and a
+name that looks like a local path and does not exist, or a hub id the hub cannot serve, is an
+:class:`InputError` at once, never a minute of network retries ending in a misleading message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from pipeline.params import register_section
+
+
+class InputError(ValueError):
+    """A problem with the stage's inputs (params, data, paths): reported in one line, exit status 2."""
+
+
+class BackboneParams(BaseModel):
+    """``backbone``: what to load and where to save it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str = "embedded"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    out_dir: str = "models/backbone"
+    trust_remote_code: bool = False
+    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (deltamem.backbones)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attn(cls, v: str) -> str:
+        from deltamem.backbones import check_attn_implementation
+
+        return check_attn_implementation(v)
+
+
+register_section("backbone", BackboneParams)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def ordinary_permissions(path: Path) -> None:
+    """Give ``path`` (a file or a tree) the permissions of a plain write under the umask (mkdtemp gives 0700,
+    and files written into it stay readable to their owner only where the writer used mkstemp)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def resolve_backbone(name: str, root: Path, field: str, local_names: tuple[str, ...] = ()) -> str:
+    """``name`` as ``load_backbone`` should get it: ``embedded``, an existing folder (absolute), or a hub id.
+
+    Raises :class:`InputError` naming ``field`` when ``name`` cannot be loaded (see
+    :func:`deltamem.backbones.resolve_source`); ``local_names`` always count as local paths (the backbone
+    stage's ``out_dir``: ``models/backbone`` has the form of a hub id).
+    """
+    from deltamem.backbones import EMBEDDED_NAMES, BackboneLoadError, resolve_source
+
+    if name in EMBEDDED_NAMES:
+        return name
+    if name in local_names and not (root / name).exists():
+        raise InputError(f"{field}: {root / name} does not exist (run the backbone stage, which writes it)")
+    try:
+        return resolve_source(name, root, field).path
+    except BackboneLoadError as err:
+        raise InputError(str(err)) from None
+
+
+def prepare_backbone(p: BackboneParams, root: Path) -> Path:
+    """Save the backbone + tokenizer as a plain Hugging Face folder (atomically, ordinary permissions)."""
+    from deltamem.backbones import load_backbone
+
+    name = resolve_backbone(p.name_or_path, root, "backbone.name_or_path")
+    model, tok = load_backbone(
+        name,
+        dtype=torch_dtype(p.dtype),
+        attn_implementation=p.attn_implementation,
+        root=root,
+        what="backbone.name_or_path",
+        trust_remote_code=p.trust_remote_code,
+    )
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF is de-quantised on load: plain weights now
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+    out = root / p.out_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "deltamem_backbone.json").write_text(json.dumps(p.model_dump(), indent=2))
+        ordinary_permissions(tmp)  # mkdtemp makes it 0700
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
