@@ -1,6 +1,9 @@
 """Minimal MLflow helpers shared by the stages.
 
-* Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db``.
+* Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db`` where ``<repo>`` is the
+  checkout this module was imported from — or, inside a temporary DVC experiment workspace
+  (``<repo>/.dvc/tmp/exps/<tmp>/``, ``dvc exp run --temp/--queue``), the repository that owns it, so
+  queued experiments log next to the others instead of into a folder DVC deletes afterwards.
 * Experiment: ``MLFLOW_EXPERIMENT_NAME`` if set, else ``deltamem``. For a SQLite store, new experiments
   keep their artifacts in ``mlruns/<experiment>/`` next to the database file (not in the working
   directory).
@@ -38,9 +41,20 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit for a parameter value
 _BATCH = 100
 
 
+def owning_repository(root: Path | None = None) -> Path:
+    """``root`` (default: this checkout), or for a DVC temporary experiment workspace
+    ``<repo>/.dvc/tmp/exps/...`` that ``<repo>``."""
+    root = REPO_ROOT if root is None else root
+    parts = root.parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def default_tracking_uri() -> str:
-    """``sqlite:///<repo>/mlflow.db``."""
-    return f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    """``sqlite:///<repo>/mlflow.db`` (``<repo>``: :func:`owning_repository` of this checkout)."""
+    return f"sqlite:///{owning_repository() / 'mlflow.db'}"
 
 
 def tracking_uri() -> str:
