@@ -34,7 +34,6 @@ OVERRIDES: list[Override] = [
     Override("prepare.datasets[name=memoryagentbench].source", "data/raw/memoryagentbench", "offline: hub parquet"),
     # cpu: 2 cores, no GPU
     Override("train.nproc", 2, "cpu: 2 ranks (DeepSpeed on gloo); `auto` counts GPUs, and a CPU has none"),
-    Override("evaluate.workers", 2, "cpu: 2 cores; workaround issue 11 item 4 (h-evalrun): 8 actors on 2 CPUs hang"),
     Override("evaluate.ray.actor_num_gpus", 0, "cpu: no GPU"),
     Override("evaluate.ray.actor_num_cpus", 1, "cpu: 2 cores"),
     Override("evaluate.ray.num_cpus", 2, "cpu: 2 cores"),
