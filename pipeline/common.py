@@ -16,10 +16,10 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DtypeName = Literal["float32", "bfloat16", "float16"]
@@ -57,16 +57,13 @@ def ordinary_permissions(path: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
-    """``path`` ← ``lines`` (each followed by ``\\n``), UTF-8, atomically (see the module docstring)."""
+def _atomic_write(path: Path, write: Callable[[TextIO], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line)
-                f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
@@ -74,23 +71,22 @@ def atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
+    """``path`` ← ``lines`` (each followed by ``\\n``), UTF-8, atomically (see the module docstring)."""
+
+    def write(f: TextIO) -> None:
+        for line in lines:
+            f.write(line)
+            f.write("\n")
+
+    _atomic_write(path, write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """``path`` ← ``text`` (UTF-8, ``\\n`` line ends) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda f: f.write(text))
 
 
 def json_safe(obj: Any) -> Any:

@@ -28,13 +28,14 @@ shares a prefix, which adapters it cannot run with, and how its prompts are buil
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pipeline.data.schema import Example
-from pipeline.eval.requests import Encoder, PromptBuilder, ShardRequests, build_requests
-from pipeline.eval.tasks.base import Task
+from pipeline.eval.requests import Encoder, PromptBuilder, Request, ShardRequests
+from pipeline.eval.tasks.base import Decoding, Task
 
 if TYPE_CHECKING:
     from pipeline.eval.plan import PredictionSettings
@@ -137,8 +138,34 @@ class Condition:
         window: int,
         donors: Mapping[str, str],
     ) -> ShardRequests:
-        """This condition's requests for a shard's conversations (:func:`pipeline.eval.requests.build_requests`)."""
-        return build_requests(self, task, groups, settings, encoder, window, donors)
+        """The requests of a shard's conversations ``groups`` (prompt ids, decoding, memory source; see
+        :mod:`pipeline.eval.requests`)."""
+        builder = self.prompt_builder(
+            task,
+            encoder.count_tokens,
+            lambda m: len(encoder.prompt_ids(m)),
+            window,
+            settings.context_reserve,
+            settings.bm25_k,
+        )
+        cap = settings.max_new_tokens_cap
+
+        def decoding_of(example: Example) -> Decoding:
+            d = task.decoding(example, settings.decoding)
+            return dataclasses.replace(d, max_new_tokens=min(d.max_new_tokens, cap)) if cap else d
+
+        requests: list[Request] = []
+        history_tokens = 0
+        for key, exs in groups:
+            decs = [decoding_of(e) for e in exs]
+            messages = builder.conversation_messages(key, exs, max(d.max_new_tokens for d in decs))
+            hist = task.history_messages(exs[0])
+            history_tokens += len(encoder.history_ids(hist)[0]) if hist else 0
+            source = self.memory_source(key, donors)
+            for e, d, m in zip(exs, decs, messages, strict=True):
+                requests.append(Request(e, key, encoder.prompt_ids(m), d, source))
+        truncated = sum(1 for v in builder.truncated.values() if v)
+        return ShardRequests(requests, [k for k, _ in groups], history_tokens, truncated)
 
 
 CONDITIONS: dict[str, Condition] = {

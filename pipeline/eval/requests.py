@@ -1,7 +1,8 @@
 """Phase 3 of ``evaluate``: a shard's questions become :class:`Request` objects.
 
-A request is everything the model backend needs for one question: its prompt token ids (built by the
-condition's :class:`PromptBuilder` and encoded exactly as the training READ segment), its decoding
+A request (built by :meth:`Condition.build_requests <pipeline.eval.conditions.Condition.build_requests>`)
+is everything the model backend needs for one question: its prompt token ids (built by the condition's
+:class:`PromptBuilder` and encoded exactly as the training READ segment), its decoding
 settings (the task's, under ``evaluate.decoding``, capped by ``max_new_tokens_cap``), and the
 conversation whose history is written into its δ-mem state (:meth:`Condition.memory_source
 <pipeline.eval.conditions.Condition.memory_source>`: its own, a donor's, or none).
@@ -15,7 +16,6 @@ can prefill once.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +27,6 @@ from pipeline.eval.tasks.base import Decoding, Message, Task
 
 if TYPE_CHECKING:
     from pipeline.eval.conditions import Condition
-    from pipeline.eval.plan import PredictionSettings
 
 
 class Encoder(Protocol):
@@ -65,44 +64,6 @@ class ShardRequests:
     conversations: list[str]
     history_tokens: int  # tokens of the conversations' own histories
     truncated_contexts: int  # conversations whose history was cut to fit the window
-
-
-def build_requests(
-    condition: Condition,
-    task: Task,
-    groups: Sequence[tuple[str, list[Example]]],
-    settings: PredictionSettings,
-    encoder: Encoder,
-    window: int,
-    donors: Mapping[str, str],
-) -> ShardRequests:
-    """The requests of a shard's conversations ``groups`` under ``condition`` (see the module docstring)."""
-    builder = condition.prompt_builder(
-        task,
-        encoder.count_tokens,
-        lambda m: len(encoder.prompt_ids(m)),
-        window,
-        settings.context_reserve,
-        settings.bm25_k,
-    )
-    cap = settings.max_new_tokens_cap
-
-    def decoding_of(example: Example) -> Decoding:
-        d = task.decoding(example, settings.decoding)
-        return dataclasses.replace(d, max_new_tokens=min(d.max_new_tokens, cap)) if cap else d
-
-    requests: list[Request] = []
-    history_tokens = 0
-    for key, exs in groups:
-        decs = [decoding_of(e) for e in exs]
-        messages = builder.conversation_messages(key, exs, max(d.max_new_tokens for d in decs))
-        hist = task.history_messages(exs[0])
-        history_tokens += len(encoder.history_ids(hist)[0]) if hist else 0
-        source = condition.memory_source(key, donors)
-        for e, d, m in zip(exs, decs, messages, strict=True):
-            requests.append(Request(e, key, encoder.prompt_ids(m), d, source))
-    truncated = sum(1 for v in builder.truncated.values() if v)
-    return ShardRequests(requests, [k for k, _ in groups], history_tokens, truncated)
 
 
 def decoding_batches(requests: Sequence[Request], indices: Iterable[int], batch_size: int) -> Iterable[list[int]]:
