@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.common import atomic_write_json
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = "deltamem"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a parameter value
@@ -174,9 +176,7 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 
 def _write_state(path: Path, state: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, state)
 
 
 def _ensure_experiment(uri: str, name: str) -> str:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pipeline.common import atomic_dir
 
 from . import DATASETS, load_split, memoryagentbench
 from .errors import DataError
@@ -202,22 +203,6 @@ def prepare(params: Any, *, base_dir: str | Path, out_dir: str | Path | None = N
     base = Path(base_dir)
     out = Path(out_dir) if out_dir is not None else Path(params.out_dir)
     out = out if out.is_absolute() else base / out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         manifest = _prepare_into(params, tmp, base)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return manifest, out

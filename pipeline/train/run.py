@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.backbone import BackboneParams, InputError, resolve_backbone, torch_dtype
+from pipeline.backbone import BackboneParams, InputError, resolve_backbone
+from pipeline.common import atomic_write_json, pad_token_id, torch_dtype
 from pipeline.params import register_section
 
 
@@ -288,7 +289,7 @@ def train_variant(
         what="train.backbone",
     )
     model.to(device)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     train_eps = load_episodes(p, root, tok, p.train_split, p.limit_train)
     val_eps = load_episodes(p, root, tok, p.validation_split, p.limit_validation) if p.limit_validation else []
     frozen = list(model.parameters())  # the backbone's, before δ-mem adds its own
@@ -430,10 +431,8 @@ class StageRun:
 
 
 def write_metrics(root: Path, variant: str, metrics: dict[str, Any]) -> Path:
-    from pipeline.train.trainer import write_json_atomic
-
     out = root / "results" / "train" / variant / "metrics.json"
-    write_json_atomic(out, metrics, sort_keys=True)
+    atomic_write_json(out, metrics, sort_keys=True)
     return out
 
 
