@@ -7,7 +7,15 @@ Measures (median of --repeats runs, after one warm-up):
 * scan: naive vs chunk forward for one layer's state (B = 1, H = 1, r = 8) at T = 512 … 8192;
 * prefill: backbone forward vs attached forward (δ-mem TSW writing, the paper's protocol; and read-only
   from a written state) on the embedded backbone (SmolLM2-135M, 30 layers) at T = 256 … 4096;
-* decode: one token with a KV cache, backbone vs attached (read-only and writing).
+* decode: one token with a KV cache after a 512-token prompt (attention mask of ones, as ``generate``
+  passes it), backbone vs attached (read-only and writing); the three take turns token by token and the
+  medians are reported;
+* op counts (``torch.profiler``, load-independent): aten ops of one decode token, backbone vs attached,
+  as extra ops per attached layer. ``top`` counts the ops the Python code dispatches (an op called
+  inside another aten op is not counted again), ``all`` every aten event, nested ones included.
+
+The machine's load average is recorded before and after (timings on a shared machine drift; op counts
+do not).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from deltamem import DeltaMemConfig, attach_delta_mem
 from deltamem.attach import cache_kwarg
@@ -64,7 +73,7 @@ def bench_scan(lengths: list[int], repeats: int) -> list[dict]:
 
 
 @torch.no_grad()
-def bench_model(lengths: list[int], repeats: int, decode_steps: int) -> tuple[list[dict], dict, dict]:
+def bench_model(lengths: list[int], repeats: int, decode_steps: int) -> tuple[list[dict], dict, dict, dict]:
     from deltamem.backbones import load_embedded
 
     model, _ = load_embedded()
@@ -105,55 +114,85 @@ def bench_model(lengths: list[int], repeats: int, decode_steps: int) -> tuple[li
             f"read {t_read:6.3f} s (×{t_read / t_base:.3f})",
             flush=True,
         )
-    # decode: one new token after a 512-token prompt, KV cache kept
+    per_token, ops = bench_decode(model, decode_steps, g)
+    return rows, per_token, ops, info
+
+
+def count_ops(fn) -> tuple[int, int]:
+    """(top-level aten ops, all aten events) of one call of ``fn``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(top), len(events)
+
+
+@torch.no_grad()
+def bench_decode(model, decode_steps: int, g: torch.Generator, prompt_len: int = 512) -> tuple[dict, dict]:
+    """Decode one token at a time after a ``prompt_len`` prompt: backbone, δ-mem read-only, δ-mem writing."""
     from transformers import DynamicCache
 
-    prompt = torch.randint(0, model.config.vocab_size, (1, 512), generator=g)
+    decoder = model.delta_mem.decoder
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
     kw = cache_kwarg(decoder)
     state = model.write_memory(prompt)
 
-    def decode(memory=None, write=False):
+    def setup(memory, write):
         cache = DynamicCache(config=model.config)
         decoder(input_ids=prompt, use_cache=True, **{kw: cache})
         tok = prompt[:, -1:]
+        n = [prompt_len]
 
         def step():
+            n[0] += 1
+            mask = torch.ones(1, n[0], dtype=torch.long)  # what generate() passes
             if memory is None:
-                decoder(input_ids=tok, use_cache=True, **{kw: cache})
+                decoder(input_ids=tok, attention_mask=mask, use_cache=True, **{kw: cache})
             else:
                 with model.delta_mem.use(memory, write=write):
-                    decoder(input_ids=tok, use_cache=True, **{kw: cache})
+                    decoder(input_ids=tok, attention_mask=mask, use_cache=True, **{kw: cache})
 
         return step
 
-    per_token = {}
-    for name, mem, write in [
-        ("backbone", None, False),
-        ("deltamem_read", state, False),
-        ("deltamem_write", state.clone(), True),
-    ]:
-        step = decode(mem, write)
-        step()
-        t = time.perf_counter()
-        for _ in range(decode_steps):
-            step()
-        per_token[name + "_s"] = (time.perf_counter() - t) / decode_steps
-    per_token["read_ratio"] = per_token["deltamem_read_s"] / per_token["backbone_s"]
-    per_token["write_ratio"] = per_token["deltamem_write_s"] / per_token["backbone_s"]
-    print(f"decode per token: {json.dumps({k: round(v, 5) for k, v in per_token.items()})}", flush=True)
-    return rows, per_token, info
+    steps = {
+        "backbone": setup(None, False),
+        "deltamem_read": setup(state, False),
+        "deltamem_write": setup(state.clone(), True),
+    }
+    layers = len(model.delta_mem.layers)
+    ops = {name: count_ops(step) for name, step in steps.items()}
+    op_rows = {
+        "backbone_top": ops["backbone"][0],
+        "backbone_all": ops["backbone"][1],
+        "attached_layers": layers,
+    }
+    for name in ("deltamem_read", "deltamem_write"):
+        op_rows[f"{name}_top"], op_rows[f"{name}_all"] = ops[name]
+        op_rows[f"{name}_extra_top_per_layer"] = (ops[name][0] - ops["backbone"][0]) / layers
+        op_rows[f"{name}_extra_all_per_layer"] = (ops[name][1] - ops["backbone"][1]) / layers
+    print(f"decode ops: {json.dumps(op_rows)}", flush=True)
+    t = interleaved(steps, decode_steps)
+    per_token = {f"{k}_s": v for k, v in t.items()}
+    per_token["read_ratio"] = t["deltamem_read"] / t["backbone"]
+    per_token["write_ratio"] = t["deltamem_write"] / t["backbone"]
+    print(f"decode per token (median): {json.dumps({k: round(v, 5) for k, v in per_token.items()})}", flush=True)
+    return per_token, op_rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sweep (T ≤ 2048)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--decode-steps", type=int, default=64, help="decode tokens per variant (interleaved)")
+    ap.add_argument("--lengths", default=None, help="prefill lengths, comma-separated (overrides the sweep)")
+    ap.add_argument("--no-scan", action="store_true", help="skip the naive-vs-chunk scan sweep")
     ap.add_argument("--out", default=None, help="result file (default bench/results/core_overhead_<device>.json)")
     args = ap.parse_args()
     torch.manual_seed(0)
     scan_T = [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
     model_T = [256, 512, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096]
+    if args.lengths:
+        model_T = [int(t) for t in args.lengths.split(",")]
     device = "cpu"
     result = {
         "benchmark": "core_overhead",
@@ -163,9 +202,13 @@ def main() -> None:
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "scan": bench_scan(scan_T, args.repeats),
+        "loadavg_before": os.getloadavg(),
+        "scan": [] if args.no_scan else bench_scan(scan_T, args.repeats),
     }
-    result["prefill"], result["decode"], result["model"] = bench_model(model_T, args.repeats, args.decode_steps)
+    result["prefill"], result["decode"], result["decode_ops"], result["model"] = bench_model(
+        model_T, args.repeats, args.decode_steps
+    )
+    result["loadavg_after"] = os.getloadavg()
     out = Path(args.out or Path(__file__).parent / "results" / f"core_overhead_{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from pipeline.eval.ray_runner import init_ray, shutdown_pool
+    from pipeline.eval.executors import init_ray, shutdown_pool
     from pipeline.eval.runner import EvalParams
 
     work = Path(tempfile.mkdtemp(prefix="eval-bench-"))

@@ -48,7 +48,7 @@ done
 entrypoint=${*:-dvc repro}
 
 # keep in sync with UPLOAD_EXCLUDES in pipeline/submit.py (tests/pipeline/test_cluster.py checks)
-excludes='"/.venv/","/.git/","/mlflow.db","/mlruns/","/.dvc/cache/","/.dvc/tmp/","/models/","/data/","/results/","/reports/","__pycache__/",".pytest_cache/",".ruff_cache/",".hypothesis/"'
+excludes='"/.venv/","/.git/","/mlflow.db","/mlruns/","/.dvc/cache/","/.dvc/tmp/","/models/","/data/*","!/data/raw","/data/raw/*","!/data/raw/README.md","/results/","/reports/","__pycache__/",".pytest_cache/",".ruff_cache/",".hypothesis/"'
 if [ "$with_git" = 1 ]; then
   excludes=${excludes//\"\/.git\/\",/}
 elif [[ " $entrypoint " == *" dvc "* ]]; then

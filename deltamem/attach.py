@@ -30,7 +30,7 @@ from .config import DeltaMemConfig
 from .memory import DeltaMemLayer
 from .state import MemoryState
 
-MEMORY_KWARGS = ("memory", "memory_write", "segment_ids")
+MEMORY_KWARGS = ("memory", "memory_write", "segment_ids", "memory_inplace")
 
 
 def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -74,14 +74,20 @@ class DeltaMemController:
         for i, attn in self.attns.items():
             w = attn.q_proj.weight
             layer = DeltaMemLayer(config, attn, hidden).to(device=w.device)  # fp32 master weights
+            if config.memory_dtype == "backbone":
+                layer = layer.to(dtype=w.dtype)
             attn.delta_mem = layer  # registered as a child: moves with .to(), saved in state_dict
             self.layers[i] = layer
         self.state: MemoryState | None = None
         self.write = False
+        self.inplace = False
         self.segment_ids: torch.Tensor | None = None
         self.attention_mask: torch.Tensor | None = None
+        # None: record the mean β (for beta_sparsity_loss) only when autograd is on, i.e. in training
+        self.record_stats: bool | None = None
         self.beta_means: dict[int, torch.Tensor] = {}  # mean β over the last call's tokens, per layer
         self._pending: dict[int, dict[str, torch.Tensor] | None] = {}
+        self._mask_cache: tuple[Any, int, int, torch.Tensor | None] | None = None
         self._handles: list[Any] = []
         self._checkpointed: dict[int, nn.Module] = {}
         self._install_hooks()
@@ -89,25 +95,39 @@ class DeltaMemController:
     # --- context ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def use(
-        self, state: MemoryState | None, write: bool = False, segment_ids: torch.Tensor | None = None
+        self,
+        state: MemoryState | None,
+        write: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        inplace: bool = False,
     ) -> Iterator[MemoryState | None]:
-        """Activate ``state`` for the calls inside the block; ``write`` switches the delta-rule writes on."""
+        """Activate ``state`` for the calls inside the block; ``write`` switches the delta-rule writes on.
+
+        ``inplace=True`` (inference) writes each new state into the existing per-layer tensors
+        (``copy_``) instead of replacing them, so their addresses stay fixed: what a captured CUDA graph
+        needs. The state must then already have the input's batch size and device.
+        """
         if state is not None:
             missing = sorted(set(self.layers) - set(state.layers))
             if missing:
                 raise ValueError(f"memory state has no tensor for attached layer(s) {missing}")
-        saved = (self.state, self.write, self.segment_ids)
-        self.state, self.write, self.segment_ids = state, write, segment_ids
+        saved = (self.state, self.write, self.segment_ids, self.inplace)
+        self.state, self.write, self.segment_ids, self.inplace = state, write, segment_ids, inplace
         try:
             yield state
         finally:
-            self.state, self.write, self.segment_ids = saved
+            self.state, self.write, self.segment_ids, self.inplace = saved
             self._pending.clear()
 
     def new_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> MemoryState:
         first = next(iter(self.layers.values()))
         return MemoryState.zeros(
-            list(self.layers), batch_size, first.num_substates, first.rank, device or first.memory_q_proj.device
+            list(self.layers),
+            batch_size,
+            first.num_substates,
+            first.rank,
+            device or first.memory_q_proj.device,
+            dtype=first.compute_dtype,
         )
 
     # --- hooks -----------------------------------------------------------------------------------------
@@ -117,7 +137,7 @@ class DeltaMemController:
             self._handles.append(
                 attn.register_forward_pre_hook(functools.partial(self._memory_step, i), with_kwargs=True)
             )
-            for branch in ("q", "k", "v", "o"):
+            for branch in self.config.branches:  # no hook (and no call overhead) on other projections
                 proj = getattr(attn, f"{branch}_proj")
                 hook = functools.partial(self._add_correction, i, branch)
                 self._handles.append(proj.register_forward_hook(hook))
@@ -134,11 +154,19 @@ class DeltaMemController:
         self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def _token_mask(self, batch: int, length: int) -> torch.Tensor | None:
+        """This call's [B, T] bool token mask, computed once per decoder call (all layers share it) and
+        kept on the device: no ``mask.all()`` host sync; an all-ones mask costs a few cheap ops."""
         m = self.attention_mask
         if m is None or m.shape[0] != batch or m.shape[1] < length:
             return None
-        m = m[:, -length:].bool()
-        return None if bool(m.all()) else m
+        c = self._mask_cache
+        if c is not None and c[0] is m and c[1] == batch and c[2] == length:
+            return c[3]
+        tm = m[:, -length:]
+        if tm.dtype != torch.bool:
+            tm = tm.bool()
+        self._mask_cache = (m, batch, length, tm)
+        return tm
 
     def _memory_step(self, idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         state = self.state
@@ -150,33 +178,31 @@ class DeltaMemController:
         layer = self.layers[idx]
         S = state.layers[idx]
         if S.shape[0] != B:
+            if self.inplace and self.write:
+                raise ValueError(
+                    f"inplace=True writes into the state's own tensors: its batch size {S.shape[0]} must equal "
+                    f"the input batch size {B} (expand it first: state.expand({B}))"
+                )
             S = S.expand(B, *S.shape[1:]) if S.shape[0] == 1 else S
             if S.shape[0] != B:
                 raise ValueError(f"memory state batch size {S.shape[0]} does not match the input batch size {B}")
-        S = S.to(device=x.device, dtype=torch.float32)
-        mask = self._token_mask(B, T)
-        p = layer.project(x)
-        if not self.write:
-            reads = layer.read_only(S, p, mask)
-        elif self.config.write_mode == "SSW":
-            if self.segment_ids is None:
-                raise ValueError(
-                    "write_mode='SSW' writes one state update per segment and needs segment_ids [B, T] "
-                    "(one id per message; < 0 = not written); pass segment_ids=... (see deltamem.encode_messages)"
-                )
-            seg = self.segment_ids[:, -T:].to(x.device)
-            reads, new = layer.write_segments(S, x, p, mask, seg)
-            state.layers[idx] = new
+        if S.device != x.device:
+            S = S.to(x.device)
+        stats = torch.is_grad_enabled() if self.record_stats is None else self.record_stats
+        seg = self.segment_ids
+        if seg is not None and seg.device != x.device:
+            seg = seg.to(x.device)
+        corr, new, beta_mean = layer(x, S, self._token_mask(B, T), self.write, seg, stats)
+        if new is not None:
+            if self.inplace:
+                state.layers[idx].copy_(new)
+            else:
+                state.layers[idx] = new
+        if beta_mean is not None:
+            self.beta_means[idx] = beta_mean
         else:
-            reads, new = layer.write_tokens(S, p, mask)
-            state.layers[idx] = new
-        beta = p["beta"]
-        if mask is None:
-            self.beta_means[idx] = beta.mean()
-        else:
-            w = mask[:, :, None, None].to(beta.dtype)
-            self.beta_means[idx] = (beta * w).sum() / (w.sum() * beta.shape[2] * beta.shape[3]).clamp_min(1.0)
-        self._pending[idx] = layer.corrections(reads)
+            self.beta_means.pop(idx, None)
+        self._pending[idx] = dict(zip(self.config.branches, corr, strict=True))
 
     def _add_correction(self, idx: int, branch: str, module: nn.Module, args: tuple, out: torch.Tensor):
         pending = self._pending.get(idx)
@@ -185,7 +211,8 @@ class DeltaMemController:
         delta = pending[branch]
         if branch == "o":
             self._pending[idx] = None  # o_proj is the last projection of this attention call
-        return out + delta.to(out.dtype)
+        # in place: the projection's output is a fresh tensor that its own backward does not need
+        return out.add_(delta)
 
     # --- gradient checkpointing ------------------------------------------------------------------------
     @property
@@ -264,7 +291,10 @@ class DeltaMemController:
     def beta_sparsity_loss(self, target: float = 0.05) -> torch.Tensor:
         """The paper's write-sparsity term: mean over layers of (mean β of the last call − target)²."""
         if not self.beta_means:
-            raise RuntimeError("no β recorded yet: run a forward pass with a memory state first")
+            raise RuntimeError(
+                "no β recorded: run a forward pass with a memory state first, with autograd on (training) "
+                "or with model.delta_mem.record_stats = True"
+            )
         return torch.stack([(b - target) ** 2 for b in self.beta_means.values()]).mean()
 
 
@@ -273,7 +303,8 @@ def attach_delta_mem(model: nn.Module, config: DeltaMemConfig | None = None) -> 
 
     Freezes every backbone parameter; adds ``model.delta_mem`` (the controller) and the methods
     ``write_memory``, ``new_memory``, ``save_adapter``; wraps ``forward`` and ``generate`` so they accept
-    ``memory=``, ``memory_write=`` and ``segment_ids=``.
+    ``memory=``, ``memory_write=``, ``segment_ids=`` and ``memory_inplace=`` (write the state into its own
+    tensors, for CUDA graphs; see docs/PERFORMANCE.md).
     """
     config = config or DeltaMemConfig()
     if getattr(model, "delta_mem", None) is not None:
@@ -282,31 +313,31 @@ def attach_delta_mem(model: nn.Module, config: DeltaMemConfig | None = None) -> 
         p.requires_grad_(False)
     controller = DeltaMemController(model, config)
     model.delta_mem = controller
+    inert = {f"layers.{i}.{n}" for i, layer in controller.layers.items() for n in layer.inert_parameters()}
     for name, p in controller.named_parameters():
-        p.requires_grad_(True)
-        del name
+        p.requires_grad_(name not in inert)
 
     orig_forward = model.forward
     orig_generate = model.generate
 
     @functools.wraps(orig_forward)
     def forward(*args, **kwargs):
-        memory, write, seg = (kwargs.pop(k, None) for k in MEMORY_KWARGS)
+        memory, write, seg, inplace = (kwargs.pop(k, None) for k in MEMORY_KWARGS)
         if memory is None:
             if write or seg is not None:
                 raise ValueError("memory_write/segment_ids given without memory=<MemoryState>")
             return orig_forward(*args, **kwargs)
-        with controller.use(memory, bool(write), seg):
+        with controller.use(memory, bool(write), seg, bool(inplace)):
             return orig_forward(*args, **kwargs)
 
     @functools.wraps(orig_generate)
     def generate(*args, **kwargs):
-        memory, write, seg = (kwargs.pop(k, None) for k in MEMORY_KWARGS)
+        # SSW with writes: the prompt is written by segments when segment_ids cover it, every generated
+        # token (no ids for it) is written as a token, as the reference does
+        memory, write, seg, inplace = (kwargs.pop(k, None) for k in MEMORY_KWARGS)
         if memory is None:
             return orig_generate(*args, **kwargs)
-        if write and config.write_mode == "SSW":
-            raise ValueError("generate(memory_write=True) is not supported for write_mode='SSW' (token writes only)")
-        with controller.use(memory, bool(write), seg):
+        with controller.use(memory, bool(write), seg, bool(inplace)):
             return orig_generate(*args, **kwargs)
 
     model.forward = forward

@@ -9,12 +9,25 @@ With H sub-states of rank r (H = 1 except for MSW) and s = α / r:
     keep, erase, write = (λ, β, β) | (λ, λβ, β) | (1, β, β)        by ``state_update_mode``
     r_t = S_{t−1} q_t                                               (read before write)
     S_t = diag(keep) S_{t−1} − diag(erase)(S_{t−1} k_t) k_tᵀ + diag(write) v_t k_tᵀ
-    Δh_t = s · U_h [r_t^1; …; r_t^H]     for h ∈ branches; Δq/Δk/Δv are added to the q/k/v projections'
-                                         outputs (before head reshape, q/k norms and RoPE), Δo after o_proj.
+    Δh_t = s · m_h · U_h [r_t^1; …; r_t^H]   for h ∈ branches; Δq/Δk/Δv are added to the q/k/v projections'
+                                             outputs (before head reshape, q/k norms and RoPE), Δo after o_proj.
 
-Everything here runs in fp32 whatever the backbone dtype (the state is fp32). Parameter names follow
-the reference implementation (``memory_q_proj``, ``delta_o_proj``, ``beta_bias``, …) so upstream
-adapters map one to one.
+m_h = 1, or with ``trainable_delta_scale`` m_h = m_max · σ(ρ) (ρ = ``delta_scale_raw``, one per layer or
+one per branch q, k, v, o). With ``delta_o_rmsnorm``, Δo ← RMSNorm_w(Δo) (weight ``delta_o_rmsnorm_weight``,
+applied in the backbone dtype as the reference does).
+
+Precision: by default the memory keeps fp32 master weights whatever ``model.to(dtype)`` does to the
+backbone (a cast to a lower-precision float is not applied to them), computes and keeps the state in
+fp32, and casts the corrections once to the backbone dtype. ``memory_dtype="backbone"`` lets the weights
+follow the backbone's casts and runs projections, state and corrections in that dtype, like the reference
+implementation. Parameter names follow the reference (``memory_q_proj``, ``delta_o_proj``, ``beta_bias``, …)
+so upstream adapters map one to one.
+
+Two code paths compute the same function. :meth:`DeltaMemLayer.forward` is the lean one used by the hooks:
+one matmul for exactly the projections the call needs (read-only: q, plus the gates only when statistics
+are asked for; writing: q, k, v, β[, λ] packed), one matmul for all corrections, no host synchronisation
+(masks stay on the device; only SSW segment bookkeeping syncs). :meth:`project`, :meth:`corrections` and
+:func:`deltamem.ops.delta_rule.delta_rule_naive` are the plain reference the tests compare it with.
 """
 
 from __future__ import annotations
@@ -25,8 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DeltaMemConfig
-from .ops.delta_rule import delta_rule, delta_rule_decode
+from .config import BRANCHES, DeltaMemConfig
+from .ops.delta_rule import delta_rule, delta_rule_decode_packed
+
+
+def inverse_bounded_sigmoid(value: float, max_value: float) -> float:
+    """ρ with m_max·σ(ρ) = value (clipped to [1e-4, 1 − 1e-4] of m_max, as the reference does)."""
+    clipped = min(max(value / max_value, 1e-4), 1.0 - 1e-4)
+    return math.log(clipped / (1.0 - clipped))
 
 
 class DeltaMemLayer(nn.Module):
@@ -36,6 +55,7 @@ class DeltaMemLayer(nn.Module):
         self.rank, self.num_substates = config.rank, int(config.num_substates or 1)
         d, n = hidden_size, config.state_dim
         gates = n if config.rankwise_gates else self.num_substates
+        self.num_gates = gates
         self.memory_q_proj = nn.Parameter(torch.empty(n, d))
         self.memory_k_proj = nn.Parameter(torch.empty(n, d))
         self.memory_v_proj = nn.Parameter(torch.empty(n, d))
@@ -49,6 +69,14 @@ class DeltaMemLayer(nn.Module):
             base = getattr(attn, f"{branch}_proj")
             self.out_features[branch] = base.out_features
             setattr(self, f"delta_{branch}_proj", nn.Parameter(torch.empty(base.out_features, n)))
+        if config.trainable_delta_scale:
+            shape = (len(BRANCHES),) if config.delta_scale_granularity == "head" else (1,)
+            self.delta_scale_raw = nn.Parameter(torch.empty(shape))
+        if config.delta_o_rmsnorm:  # inert (and frozen by attach) without an o branch, as in the reference
+            self.delta_o_rmsnorm_weight = nn.Parameter(torch.ones(attn.o_proj.out_features))
+        self._sizes = [self.out_features[b] for b in config.branches]
+        self._pack_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+        self._scale_cols: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters(attn)
 
     @torch.no_grad()
@@ -63,8 +91,42 @@ class DeltaMemLayer(nn.Module):
                 w = min(self.config.base_slice_width, self.rank, base.shape[1], u.shape[1])
                 cols = F.normalize(base[:, :w].detach().float(), dim=0, eps=1e-6)
                 u[:, :w] = self.config.online_gain * cols
+        if self.config.trainable_delta_scale:
+            self.delta_scale_raw.fill_(
+                inverse_bounded_sigmoid(self.config.delta_scale_init, self.config.delta_scale_max)
+            )
+        if self.config.delta_o_rmsnorm:
+            self.delta_o_rmsnorm_weight.fill_(1.0)
 
-    # --- projections -------------------------------------------------------------------------------
+    def inert_parameters(self) -> list[str]:
+        """Names of parameters the configuration never uses (kept for the reference's adapter layout)."""
+        return ["delta_o_rmsnorm_weight"] if self.config.delta_o_rmsnorm and "o" not in self.config.branches else []
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)`` / ``.half()`` move the memory but leave its master weights in fp32
+        (unless ``memory_dtype="backbone"``); device moves and fp32 ↔ fp64 casts apply as usual."""
+        self._pack_cache.clear()
+        if self.config.memory_dtype == "backbone":
+            return super()._apply(fn, recurse)
+
+        def keep_precision(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if (
+                isinstance(out, torch.Tensor)
+                and t.is_floating_point()
+                and out.is_floating_point()
+                and out.dtype.itemsize < 4 <= t.dtype.itemsize
+            ):  # never below fp32 (fp32 ↔ fp64 casts apply)
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_precision, recurse)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.memory_q_proj.dtype
+
+    # --- the plain reference (tests compare the lean path with these) ------------------------------
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # [..., H·r] -> [..., H, r]
         return x.view(*x.shape[:-1], self.num_substates, self.rank)
 
@@ -75,8 +137,8 @@ class DeltaMemLayer(nn.Module):
         return self._split(g)
 
     def project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x [..., d] (any dtype) → q, k, v, keep, erase, write, beta, each [..., H, r] in fp32."""
-        x = x.float()
+        """x [..., d] (any dtype) → q, k, v, keep, erase, write, beta, each [..., H, r] in the compute dtype."""
+        x = x.to(self.compute_dtype)
         q = self._split(F.linear(x, self.memory_q_proj))
         k = self._split(F.linear(x, self.memory_k_proj))
         v = self._split(F.linear(x, self.memory_v_proj))
@@ -88,21 +150,43 @@ class DeltaMemLayer(nn.Module):
             lam = 1.0 - beta
         else:
             lam = self._gate(x, self.lambda_proj, self.lambda_bias)
-        mode = self.config.state_update_mode
-        if mode == "standard":
-            keep, erase = lam, beta
-        elif mode == "lambda_outside":
-            keep, erase = lam, lam * beta
-        else:  # no_lambda
-            keep, erase = torch.ones_like(beta), beta
+        keep, erase = self._keep_erase(beta, lam)
         return {"q": q, "k": k, "v": v, "keep": keep, "erase": erase, "write": beta, "beta": beta}
 
-    def corrections(self, reads: torch.Tensor) -> dict[str, torch.Tensor]:
-        """reads [B, T, H, r] → {branch: s·U_h·reads} with shapes [B, T, out_features] (fp32)."""
-        flat = reads.reshape(*reads.shape[:-2], -1)
-        return {b: self.config.scale * F.linear(flat, getattr(self, f"delta_{b}_proj")) for b in self.config.branches}
+    def _keep_erase(self, beta: torch.Tensor, lam: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        mode = self.config.state_update_mode
+        if mode == "no_lambda":
+            return torch.ones_like(beta), beta
+        if lam is None:  # coupled λ = 1 − β
+            lam = 1.0 - beta
+        return (lam, beta) if mode == "standard" else (lam, lam * beta)
 
-    # --- the three ways a call can touch the state ------------------------------------------------
+    def scale_multiplier(self, branch: str) -> torch.Tensor | float:
+        """m_h: 1, or m_max·σ(ρ) with ``trainable_delta_scale``."""
+        if not self.config.trainable_delta_scale:
+            return 1.0
+        raw = self.delta_scale_raw[BRANCHES.index(branch) if self.config.delta_scale_granularity == "head" else 0]
+        return torch.sigmoid(raw) * self.config.delta_scale_max
+
+    def corrections(self, reads: torch.Tensor, out_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """reads [B, T, H, r] → {branch: s·m_h·U_h·reads} [B, T, out_features], one matmul per branch (reference).
+
+        ``out_dtype`` (the backbone dtype) is where Δo's RMSNorm runs, as in the reference; the other
+        corrections stay in the compute dtype."""
+        flat = reads.reshape(*reads.shape[:-2], -1)
+        out = {}
+        for b in self.config.branches:
+            out[b] = F.linear(flat, getattr(self, f"delta_{b}_proj")) * self.config.scale * self.scale_multiplier(b)
+        if self.config.delta_o_rmsnorm and "o" in out:
+            out["o"] = self._rmsnorm_o(out["o"].to(out_dtype or out["o"].dtype))
+        return out
+
+    def _rmsnorm_o(self, delta_o: torch.Tensor) -> torch.Tensor:
+        w = self.delta_o_rmsnorm_weight
+        dt = torch.promote_types(delta_o.dtype, torch.float32)  # at least fp32, as the reference's .float()
+        normed = F.rms_norm(delta_o.to(dt), (delta_o.shape[-1],), weight=w.to(dt), eps=self.config.delta_o_rmsnorm_eps)
+        return normed.to(delta_o.dtype)
+
     @staticmethod
     def read_only(state: torch.Tensor, p: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         reads = torch.einsum("bhij,bthj->bthi", state, p["q"])
@@ -110,22 +194,210 @@ class DeltaMemLayer(nn.Module):
             reads = reads * mask[:, :, None, None].to(reads.dtype)
         return reads
 
+    # --- the lean path -----------------------------------------------------------------------------
+    def _qk_norm(self, t: torch.Tensor) -> torch.Tensor:
+        """L2norm(tanh(t)) over the last dim: F.normalize's arithmetic (t / max(‖t‖, 1e-6)) in 4 ops, not 5."""
+        if not self.config.normalize_qk:
+            return t
+        t = torch.tanh(t)
+        return t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-6)
+
+    def _packed_weight(self, names: tuple[str, ...], scale: float = 1.0) -> torch.Tensor:
+        """The named weights stacked along the output dimension (times ``scale``). Outside autograd and
+        compilation the result is cached until one of the weights changes (tracked by version counters)."""
+        ws = [getattr(self, n) for n in names]
+
+        def build() -> torch.Tensor:
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)
+            return w if scale == 1.0 else w * scale
+
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return build()
+        key = tuple((w.data_ptr(), w._version, w.device, w.dtype) for w in ws)
+        hit = self._pack_cache.get((names, scale))
+        if hit is None or hit[0] != key:
+            hit = (key, build())
+            self._pack_cache[(names, scale)] = hit
+        return hit[1]
+
+    def _packed_bias(self, rows: int) -> torch.Tensor:
+        """The projection bias for a packed matmul: zeros for the ``rows`` q/k/v rows, then b_β (and b_λ),
+        so the gate bias rides in the matmul (as the reference's ``F.linear(x, W_β, b_β)``)."""
+        bs = [self.beta_bias] if self.config.couple_lambda else [self.beta_bias, self.lambda_bias]
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            key = (rows, *((b.data_ptr(), b._version, b.device, b.dtype) for b in bs))
+            hit = self._pack_cache.get(("bias", rows))
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        out = torch.cat([bs[0].new_zeros(rows), *bs])
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            self._pack_cache[("bias", rows)] = (key, out)
+        return out
+
+    def _gates(self, g: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """g [..., G(·2)] pre-activations → β, λ (λ None when coupled), each [..., H, r]."""
+        G = self.num_gates
+        beta = torch.sigmoid(g[..., :G])  # the biases came with the packed matmul
+        lam = None if self.config.couple_lambda else torch.sigmoid(g[..., G : 2 * G])
+        if self.config.rankwise_gates:
+            return beta.view(shape), None if lam is None else lam.view(shape)
+        beta = beta.unsqueeze(-1).expand(shape)
+        return beta, None if lam is None else lam.unsqueeze(-1).expand(shape)
+
+    @staticmethod
+    def _read(state: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """r_t = S q_t for every token: state [B, H, r, r], q [B, T, H, r] → [B, T, H, r] (one bmm)."""
+        return torch.matmul(q.transpose(1, 2), state.transpose(-1, -2)).transpose(1, 2)
+
+    def _usable_segments(self, segment_ids: torch.Tensor | None, mask: torch.Tensor | None, B: int, T: int) -> bool:
+        """SSW writes segments only with ids covering this call's tokens ([B, T]) of which some are
+        valid; otherwise it falls back to one write per token, as the reference does."""
+        if segment_ids is None or tuple(segment_ids.shape) != (B, T):
+            return False
+        valid = segment_ids >= 0
+        if mask is not None:
+            valid = valid & mask.to(valid.device)
+        return bool(valid.any())
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        write: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        stats: bool = False,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """One attention call's memory step.
+
+        x [B, T, d] (the attention input, any dtype); state [B, H, r, r]; mask [B, T] bool (True = real
+        token) or None. Returns (corrections, new state or None when read-only, mean β or None): the
+        corrections are one tensor per branch in ``config.branches`` order, [B, T, out_features] in x's
+        dtype. ``stats`` asks for the masked mean β (the write-sparsity loss needs it); it is skipped
+        otherwise.
+        """
+        cfg = self.config
+        out_dtype = x.dtype
+        cdt = self.compute_dtype
+        if x.dtype != cdt:
+            x = x.to(cdt)
+        if state.dtype != cdt:
+            state = state.to(cdt)
+        B, T, _ = x.shape
+        H, r, n = self.num_substates, self.rank, cfg.state_dim
+        segments = write and cfg.write_mode == "SSW" and self._usable_segments(segment_ids, mask, B, T)
+        token_writes = write and not segments
+        gates = token_writes or stats
+        names = ("memory_q_proj", "memory_k_proj", "memory_v_proj") if token_writes else ("memory_q_proj",)
+        if gates:
+            names += ("beta_proj",) if cfg.couple_lambda else ("beta_proj", "lambda_proj")
+        decode = token_writes and T == 1
+        # decoding works on [B, ...] views throughout (no per-tensor selects of the token axis)
+        lead = (B,) if decode else (B, T)
+        shape = (*lead, H, r)
+        off = 3 * n if token_writes else n
+        bias = self._packed_bias(off) if gates else None
+        y = F.linear(x.view(B, -1) if decode else x, self._packed_weight(names), bias)  # one matmul for all of it
+        beta = lam = None
+        if gates:
+            beta, lam = self._gates(y[..., off:], shape)
+        new_state = None
+        if token_writes:
+            qk = self._qk_norm(y[..., : 2 * n].view(*lead, 2, H, r))  # q and k normalised together
+            keep, erase = self._keep_erase(beta, lam)
+            v = y[..., 2 * n : 3 * n].view(shape)
+            if decode:  # one step; q and k are the two columns of one matmul
+                valid = None if mask is None else mask.view(B)
+                reads, new_state = delta_rule_decode_packed(
+                    state, qk.permute(0, 2, 3, 1), v, keep, erase, beta, valid, backend=cfg.scan_backend
+                )
+            else:
+                q, k = qk.unbind(2)
+                reads, new_state = delta_rule(
+                    q, k, v, keep, erase, beta, initial_state=state, mask=mask, backend=cfg.scan_backend,
+                    chunk_size=cfg.chunk_size,
+                )  # fmt: skip
+        else:
+            reads = self._read(state, self._qk_norm(y[..., :n].view(shape)))
+            if mask is not None:
+                reads = torch.where(mask.view(B, T, 1, 1), reads, 0.0)
+            if segments:
+                new_state = self._write_segment_means(state, x, mask, segment_ids)
+        # s scales the small weight rather than the [B, T, Σ out] product: one large tensor fewer, and
+        # bit-identical to s·(U r) for a power-of-two s (the default α/r = 2)
+        U = self._packed_weight(tuple(f"delta_{b}_proj" for b in cfg.branches), cfg.scale)  # s·U, cached
+        if cfg.trainable_delta_scale:
+            U = U * self._scale_columns().unsqueeze(-1)  # m_h per output row of U, on the small weight
+        corr = F.linear(reads.reshape(B, T, n), U)
+        if corr.dtype != out_dtype:
+            corr = corr.to(out_dtype)  # the one cast, for all branches
+        out = list(corr.split(self._sizes, dim=-1)) if len(self._sizes) > 1 else [corr]
+        if cfg.delta_o_rmsnorm and "o" in cfg.branches:
+            i = cfg.branches.index("o")
+            out[i] = self._rmsnorm_o(out[i])
+        beta_mean = None
+        if stats:
+            beta = beta.view(B, T, H, r)
+            if mask is None:
+                beta_mean = beta.mean()
+            else:
+                w = mask.view(B, T, 1, 1).to(beta.dtype)
+                beta_mean = (beta * w).sum() / (w.sum() * H * r).clamp_min(1.0)
+        return out, new_state, beta_mean
+
+    def _scale_columns(self) -> torch.Tensor:
+        """m_h per output column of the packed corrections (a scalar per layer, or one per branch)."""
+        m = torch.sigmoid(self.delta_scale_raw) * self.config.delta_scale_max
+        if self.config.delta_scale_granularity != "head":
+            return m
+        cols = self._scale_cols.get(m.device)
+        if cols is None:  # per output column, the index of its branch in (q, k, v, o); built once per device
+            idx = [
+                BRANCHES.index(b)
+                for b, size in zip(self.config.branches, self._sizes, strict=True)
+                for _ in range(size)
+            ]
+            cols = self._scale_cols[m.device] = torch.tensor(idx, device=m.device)
+        return m[cols]
+
+    # --- SSW -----------------------------------------------------------------------------------------
     def write_tokens(
         self, state: torch.Tensor, p: dict[str, torch.Tensor], mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """TSW/MSW: one write per token (read before each write). Returns (reads, new state)."""
-        args = (p["q"], p["k"], p["v"], p["keep"], p["erase"], p["write"])
-        if args[0].shape[1] == 1:  # decoding: one fused step, no scan set-up
-            valid = None if mask is None else mask[:, 0]
-            read, new = delta_rule_decode(state, *(a[:, 0] for a in args), valid, backend=self.config.scan_backend)
-            return read.unsqueeze(1), new
+        """TSW/MSW through the scan dispatcher (reference form). Returns (reads, new state)."""
         return delta_rule(
-            *args,
-            initial_state=state,
-            mask=mask,
-            backend=self.config.scan_backend,
-            chunk_size=self.config.chunk_size,
-        )
+            p["q"], p["k"], p["v"], p["keep"], p["erase"], p["write"], initial_state=state, mask=mask,
+            backend=self.config.scan_backend, chunk_size=self.config.chunk_size,
+        )  # fmt: skip
+
+    def _write_segment_means(
+        self, state: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, segment_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """SSW: one write per segment, from the mean of x over the segment's tokens, segments in increasing
+        id order (ids < 0: no segment). Every token of the call reads the state as it was before."""
+        valid = segment_ids >= 0
+        if mask is not None:
+            valid = valid & mask
+        ids = torch.where(valid, segment_ids, torch.full_like(segment_ids, -1))
+        B = x.shape[0]
+        uniq = [torch.unique(ids[b][ids[b] >= 0]) for b in range(B)]  # sorted
+        n_seg = max((len(u) for u in uniq), default=0)
+        if n_seg == 0:
+            return state
+        rank = torch.full_like(ids, -1)  # per token: position of its segment among the row's segments
+        seg_mask = torch.zeros(B, n_seg, dtype=torch.bool, device=x.device)
+        for b, u in enumerate(uniq):
+            if len(u):
+                rank[b] = torch.where(ids[b] >= 0, torch.searchsorted(u, ids[b].clamp_min(0)), rank[b])
+                seg_mask[b, : len(u)] = True
+        onehot = F.one_hot(rank.clamp_min(0), n_seg).to(x.dtype) * (rank >= 0).unsqueeze(-1).to(x.dtype)
+        means = torch.einsum("bts,btd->bsd", onehot, x) / onehot.sum(1).clamp_min(1.0).unsqueeze(-1)
+        ps = self.project(means)
+        _, new_state = delta_rule(
+            ps["q"], ps["k"], ps["v"], ps["keep"], ps["erase"], ps["write"], initial_state=state, mask=seg_mask,
+            backend=self.config.scan_backend, chunk_size=self.config.chunk_size,
+        )  # fmt: skip
+        return new_state
 
     def write_segments(
         self,
@@ -135,37 +407,7 @@ class DeltaMemLayer(nn.Module):
         mask: torch.Tensor | None,
         segment_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SSW: every token reads the state as it was before this call; then one write per segment, from
-        the mean of x over the segment's tokens, segments in increasing id order (ids < 0: no segment)."""
-        reads = self.read_only(state, p, mask)
-        valid = segment_ids >= 0
-        if mask is not None:
-            valid = valid & mask
-        ids = torch.where(valid, segment_ids, torch.full_like(segment_ids, -1))
-        B = x.shape[0]
-        uniq = [torch.unique(ids[b][ids[b] >= 0]) for b in range(B)]  # sorted
-        n_seg = max((len(u) for u in uniq), default=0)
-        if n_seg == 0:
-            return reads, state
-        rank = torch.full_like(ids, -1)  # per token: position of its segment among the row's segments
-        seg_mask = torch.zeros(B, n_seg, dtype=torch.bool, device=x.device)
-        for b, u in enumerate(uniq):
-            if len(u):
-                rank[b] = torch.where(ids[b] >= 0, torch.searchsorted(u, ids[b].clamp_min(0)), rank[b])
-                seg_mask[b, : len(u)] = True
-        onehot = F.one_hot(rank.clamp_min(0), n_seg).to(torch.float32) * (rank >= 0).unsqueeze(-1).float()
-        means = torch.einsum("bts,btd->bsd", onehot, x.float()) / onehot.sum(1).clamp_min(1.0).unsqueeze(-1)
-        ps = self.project(means)
-        _, new_state = delta_rule(
-            ps["q"],
-            ps["k"],
-            ps["v"],
-            ps["keep"],
-            ps["erase"],
-            ps["write"],
-            initial_state=state,
-            mask=seg_mask,
-            backend=self.config.scan_backend,
-            chunk_size=self.config.chunk_size,
+        """SSW (reference form): reads before the call's writes, then the segment-mean writes."""
+        return self.read_only(state, p, mask), self._write_segment_means(
+            state, x.to(self.compute_dtype), mask, segment_ids
         )
-        return reads, new_state

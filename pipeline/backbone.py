@@ -13,14 +13,11 @@ name that looks like a local path and does not exist, or a hub id the hub cannot
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from pipeline.common import DtypeName, atomic_dir, torch_dtype
 from pipeline.params import register_section
 
 
@@ -34,7 +31,7 @@ class BackboneParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name_or_path: str = "embedded"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = "float32"
     out_dir: str = "models/backbone"
     trust_remote_code: bool = False
     attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (deltamem.backbones)
@@ -48,21 +45,6 @@ class BackboneParams(BaseModel):
 
 
 register_section("backbone", BackboneParams)
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def ordinary_permissions(path: Path) -> None:
-    """Give ``path`` (a file or a tree) the permissions of a plain write under the umask (mkdtemp gives 0700,
-    and files written into it stay readable to their owner only where the writer used mkstemp)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def resolve_backbone(name: str, root: Path, field: str, local_names: tuple[str, ...] = ()) -> str:
@@ -101,15 +83,8 @@ def prepare_backbone(p: BackboneParams, root: Path) -> Path:
         model.hf_quantizer = None
         model.config.quantization_config = None
     out = root / p.out_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "deltamem_backbone.json").write_text(json.dumps(p.model_dump(), indent=2))
-        ordinary_permissions(tmp)  # mkdtemp makes it 0700
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

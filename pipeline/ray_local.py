@@ -1,6 +1,6 @@
 """A local Ray cluster confined to the loopback interface, and shut down without leftovers.
 
-Used by the evaluate stage (:mod:`pipeline.eval.ray_runner`) and the training launcher; the one place
+Used by the evaluate stage (:mod:`pipeline.eval.executors`) and the training launcher; the one place
 where the project starts a Ray of its own.
 
 Why passing ``_node_ip_address="127.0.0.1"`` to ``ray.init`` is not enough (Ray 2.60, read in

@@ -47,7 +47,10 @@ UPLOAD_EXCLUDES: tuple[str, ...] = (
     "/.dvc/cache/",
     "/.dvc/tmp/",
     "/models/",
-    "/data/",
+    "/data/*",  # data/raw/README.md goes: the folder is a dependency of `prepare` (dvc.yaml); the data stays
+    "!/data/raw",
+    "/data/raw/*",
+    "!/data/raw/README.md",
     "/results/",
     "/reports/",
     "__pycache__/",

@@ -1,6 +1,9 @@
 """Minimal MLflow helpers shared by the stages.
 
-* Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db``.
+* Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db`` where ``<repo>`` is the
+  checkout this module was imported from — or, inside a temporary DVC experiment workspace
+  (``<repo>/.dvc/tmp/exps/<tmp>/``, ``dvc exp run --temp/--queue``), the repository that owns it, so
+  queued experiments log next to the others instead of into a folder DVC deletes afterwards.
 * Experiment: ``MLFLOW_EXPERIMENT_NAME`` if set, else ``deltamem``. For a SQLite store, new experiments
   keep their artifacts in ``mlruns/<experiment>/`` next to the database file (not in the working
   directory).
@@ -39,15 +42,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.common import atomic_write_json
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = "deltamem"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a parameter value
 _BATCH = 100
 
 
+def owning_repository(root: Path | None = None) -> Path:
+    """``root`` (default: this checkout), or for a DVC temporary experiment workspace
+    ``<repo>/.dvc/tmp/exps/...`` that ``<repo>``."""
+    root = REPO_ROOT if root is None else root
+    parts = root.parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def default_tracking_uri() -> str:
-    """``sqlite:///<repo>/mlflow.db``."""
-    return f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    """``sqlite:///<repo>/mlflow.db`` (``<repo>``: :func:`owning_repository` of this checkout)."""
+    return f"sqlite:///{owning_repository() / 'mlflow.db'}"
 
 
 def tracking_uri() -> str:
@@ -167,9 +183,7 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 
 def _write_state(path: Path, state: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, state)
 
 
 def _ensure_experiment(uri: str, name: str) -> str:

@@ -28,6 +28,7 @@ from pipeline.data.prepare import MANIFEST, prepare
 from pipeline.params import ParamsError, PrepareParams, load_section
 
 EXIT_BAD_INPUT = 2
+RAW_DIR = "data/raw"  # a dependency of this stage in dvc.yaml
 _METRIC_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. /]")
 
 
@@ -45,6 +46,23 @@ def manifest_metrics(manifest: dict[str, Any]) -> dict[str, float]:
                 for stat, value in s.get("token_lengths", {}).get(part, {}).items():
                     metrics[f"{base}/tokens_{part}/{stat}"] = value
     return metrics
+
+
+def sources_outside_raw(params: PrepareParams, base_dir: Path) -> list[str]:
+    """Enabled local sources that are not under ``data/raw`` (so not DVC dependencies of prepare)."""
+    import os
+
+    raw = (base_dir / RAW_DIR).resolve()
+    out = []
+    for entry in params.datasets:
+        src = entry.source
+        if not entry.enabled or not src or src == "hf" or src.startswith("hf:"):
+            continue
+        path = Path(os.path.expandvars(src)).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not Path(os.path.abspath(path)).is_relative_to(raw) and not path.resolve().is_relative_to(raw):
+            out.append(src)
+    return out
 
 
 def log_to_mlflow(params: PrepareParams, manifest: dict[str, Any], params_file: Path) -> None:
@@ -72,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ParamsError, BackboneLoadError) as err:
         print(f"prepare: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    for src in sources_outside_raw(params, params_file.resolve().parent):
+        print(
+            f"prepare: warning: source {src} is outside {RAW_DIR}/, so it is not a dependency of the prepare "
+            f"stage: dvc repro will not notice when it changes (move or symlink it under {RAW_DIR}/)",
+            file=sys.stderr,
+        )
     for ds, info in manifest["datasets"].items():
         counts = ", ".join(f"{split} {s['examples']}" for split, s in info["splits"].items())
         print(f"prepare: {ds}: {counts}")

@@ -3,6 +3,7 @@
 python stages/report.py [--params params.yaml] [--no-tracking]
 
 Reads the ``report`` section (see :class:`pipeline.report.ReportParams`), writes ``reports/`` atomically,
+then ``reports/metrics.json`` (the DVC metrics file: headline scores and claims only, see :func:`dvc_metrics`),
 logs a ``report`` run (the report files as artifacts, the summary numbers as metrics) and closes the
 pipeline execution's parent MLflow run. Exit status 2 when a stage output it needs is missing or bad.
 """
@@ -10,8 +11,11 @@ pipeline execution's parent MLflow run. Exit status 2 when a stage output it nee
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 try:
     import pipeline  # noqa: F401  (installed with `pip install -e .`)
@@ -49,6 +53,37 @@ def log_to_mlflow(result, p: ReportParams) -> None:
         tracking.finish_pipeline_run("FINISHED")
 
 
+METRICS_FILE = "metrics.json"  # in report.out_dir; dvc.yaml lists it under `metrics`
+_DVC_METRIC_SUFFIXES = ("/score", "/mean_ratio_vs_")
+
+
+def dvc_metrics(result) -> dict[str, Any]:
+    """The few numbers `dvc exp show` compares experiments by (reports/summary.json keeps all of them).
+
+    ``<variant>/<condition>/<task>/score`` (the headline, ``base/...`` for the frozen backbone), the mean
+    ratio of each δ-mem condition to the reference, and for every claim ``.../ratio`` and ``.../holds``
+    (1 or 0). Undefined values (0/0 ratios) are left out rather than written as NaN.
+    """
+    out: dict[str, Any] = {}
+    for key, value in result.summary.items():
+        if any(suffix in key for suffix in _DVC_METRIC_SUFFIXES) and not key.endswith(("_ci_low", "_ci_high")):
+            out[key] = value
+    for c in result.claims:
+        key = f"claim/{c['deltamem']}/{c['task']}/vs/{c['versus']}"
+        out[f"{key}/holds"] = int(bool(c["holds"]))
+        out[f"{key}/ratio"] = c["ratio"].value
+    return {k: v for k, v in sorted(out.items()) if isinstance(v, int | float) and v == v and abs(v) != float("inf")}
+
+
+def write_dvc_metrics(result) -> Path:
+    """``<out_dir>/metrics.json`` via a temporary file and a rename (never a half-written metrics file)."""
+    path = Path(result.out_dir) / METRICS_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(dvc_metrics(result), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def _finite(x: float) -> float:
     return x if x == x and abs(x) != float("inf") else (1e9 if x > 0 else -1e9)
 
@@ -64,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, ReportInputError) as err:
         print(f"report: error: {err}", file=sys.stderr)
         return 2
+    write_dvc_metrics(result)
     if not args.no_tracking:
         log_to_mlflow(result, p)
     for c in result.claims:

@@ -4,6 +4,7 @@ Output layout (``out_dir``, default ``data/prepared``)::
 
     <dataset>/<split>.jsonl            one example per line (schema: pipeline.data.schema)
     <dataset>/<split>.contexts.jsonl   shared contexts, once each (when examples share one)
+    <dataset>/entity2id.json           MemoryAgentBench's recsys movie mapping, when the source provides it
     manifest.json                      counts per split and category, provenance, hashes, token lengths
 
 Everything is first written to a temporary folder next to ``out_dir`` and moved into place only when
@@ -16,16 +17,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import DATASETS, load_split
+from pipeline.common import atomic_dir
+
+from . import DATASETS, load_split, memoryagentbench
 from .errors import DataError
 from .schema import SCHEMA_VERSION, Example, contexts_path, write_split
-from .sources import is_hf, sha256_file
+from .sources import HF_PREFIX, is_hf, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -80,6 +82,36 @@ def _make_packer(params: Any, base_dir: Path | None = None) -> Any:
     return Packer(tok, write_length=params.tokenizer.write_length, read_length=params.tokenizer.read_length)
 
 
+def _copy_entity2id(entry: Any, examples: list[Example], ds_manifest: dict[str, Any], tmp: Path, base: Path) -> None:
+    """MemoryAgentBench: put the source's ``entity2id.json`` next to the splits, where the evaluator
+    reads it (checked first; written inside the staging folder, so it appears with the splits or not
+    at all) and list it under ``files``; movie-id golds without a mapping are a :class:`DataError`."""
+    source = entry.source or ""
+    hf_id = None
+    if source == "hf" or is_hf(source):
+        hf_id = source[len(HF_PREFIX) :] if is_hf(source) else ""
+        hf_id = hf_id or DATASETS[entry.name].hf_id
+    read_files = [
+        base / f["path"] for split in ds_manifest["splits"].values() for f in split["provenance"].get("files", [])
+    ]
+    mapping = memoryagentbench.find_entity2id(
+        source,
+        examples=examples,
+        read_files=read_files,
+        base_dir=base,
+        hf_id=hf_id,
+        revision=entry.revision,
+        explicit=entry.options.get("entity2id"),
+    )
+    if mapping is None:
+        return
+    memoryagentbench.check_entity2id(mapping, examples)
+    target = tmp / entry.out_name / memoryagentbench.ENTITY2ID
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(mapping.data)
+    ds_manifest["files"] = {"entity2id": {**_file_entry(target, tmp), "origin": mapping.label}}
+
+
 def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
     packer = _make_packer(params, base_dir)
     manifest: dict[str, Any] = {
@@ -108,6 +140,7 @@ def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
             "licence": DATASETS[entry.name].licence,
             "splits": {},
         }
+        prepared: list[Example] = []
         for split in splits:
             examples, provenance = load_split(
                 entry.name,
@@ -142,6 +175,10 @@ def _prepare_into(params: Any, tmp: Path, base_dir: Path) -> dict[str, Any]:
                 split_manifest["paper_recipe"] = recipe_stats(examples, packer)
             ds_manifest["splits"][split] = split_manifest
             manifest["totals"]["examples"] += counts["examples"]
+            if entry.name == memoryagentbench.NAME:  # kept for the recsys mapping's check
+                prepared.extend(examples)
+        if entry.name == memoryagentbench.NAME:
+            _copy_entity2id(entry, prepared, ds_manifest, tmp, base_dir)
         manifest["datasets"][entry.out_name] = ds_manifest
     if packer is not None:
         manifest["tokenizer"] = params.tokenizer.model_dump(mode="json", exclude_none=True)
@@ -166,22 +203,6 @@ def prepare(params: Any, *, base_dir: str | Path, out_dir: str | Path | None = N
     base = Path(base_dir)
     out = Path(out_dir) if out_dir is not None else Path(params.out_dir)
     out = out if out.is_absolute() else base / out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         manifest = _prepare_into(params, tmp, base)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return manifest, out

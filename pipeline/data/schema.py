@@ -23,12 +23,12 @@ segments. :func:`read_split` joins them again, so readers never see the differen
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.common import atomic_write_lines
 
 from .errors import DataError
 
@@ -203,21 +203,6 @@ def contexts_path(split_path: str | Path) -> Path:
     return p.with_name(f"{name}.contexts.jsonl")
 
 
-def _atomic_write_lines(path: Path, lines: Iterable[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line)
-                f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_split(examples: Iterable[Example], path: str | Path) -> dict[str, int]:
     """Write examples to ``path`` (JSONL), shared contexts once to :func:`contexts_path` (``path``).
 
@@ -241,13 +226,13 @@ def write_split(examples: Iterable[Example], path: str | Path) -> dict[str, int]
         lines.append(dumps(ex.to_dict(include_segments=False)))
     ctx_file = contexts_path(path)
     if contexts:
-        _atomic_write_lines(
+        atomic_write_lines(
             ctx_file,
             (dumps({"context_id": cid, "segments": [s.to_dict() for s in segs]}) for cid, segs in contexts.items()),
         )
     else:
         ctx_file.unlink(missing_ok=True)
-    _atomic_write_lines(path, lines)
+    atomic_write_lines(path, lines)
     return {"examples": len(lines), "contexts": len(contexts)}
 
 

@@ -14,28 +14,49 @@ Every example becomes two token sequences:
   ``<|im_end|>``), so the loss teaches the answer and when to stop. Sequences longer than
   ``read_length`` are left-truncated (the answer is kept as long as it fits).
 
-Rendering uses the tokenizer's chat template when it has one (``apply_chat_template``); otherwise a
-plain ``"Role: text"`` format ending assistant turns with the EOS token. Each message is rendered and
-tokenised on its own, so the message spans and the answer span are exact by construction; templates
-whose rendering of a conversation is not the concatenation of its messages (rare) fall back to
-rendering prefixes.
+Rendering is :class:`deltamem.chat.ChatFormat`, the one chat format shared with the evaluator and
+:class:`deltamem.MemorySession` (the tokenizer's chat template in non-thinking mode when it has one,
+otherwise a plain ``"Role: text"`` format ending assistant turns with the EOS token). Each message is
+rendered and tokenised on its own, so the message spans and the answer span are exact by construction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from deltamem.chat import (
+    DEFAULT_READ_SYSTEM,
+    DEFAULT_WRITE_SYSTEM,
+    ChatFormat,
+    ChatSettings,
+    WriteChunk,
+    history_messages,
+    question_messages,
+    split_chunks,
+)
+from deltamem.chat import question_text as _question_text
+
 from .schema import Example, Segment
+
+__all__ = [
+    "DEFAULT_READ_SYSTEM",
+    "DEFAULT_WRITE_SYSTEM",
+    "ChatFormat",
+    "ChatSettings",
+    "Packer",
+    "RenderConfig",
+    "WriteChunk",
+    "split_chunks",
+]
 
 IGNORE_INDEX = -100
 DEFAULT_WRITE_LENGTH = 8192
 DEFAULT_READ_LENGTH = 512
-DEFAULT_WRITE_SYSTEM = "You are a helpful assistant. Remember the following conversation."
-DEFAULT_READ_SYSTEM = "You are a helpful assistant. Answer the question briefly, using what you remember."
 EMBEDDED_NAMES = ("embedded", "embedded:smollm2-135m")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Message = dict[str, str]
@@ -62,149 +83,34 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, root: str | 
 
 
 @dataclass
-class RenderConfig:
-    """How examples are turned into chat messages.
+class RenderConfig(ChatSettings):
+    """How examples are turned into chat messages: :class:`deltamem.chat.ChatSettings` (system prompts,
+    speaker and session formats, template mode) plus which answer is the training target.
 
     Attributes:
-        write_system: system message opening the WRITE segment (None: no system message).
-        read_system: system message opening the READ segment (None: no system message).
-        speaker_format: content of a segment with a speaker (``{speaker}``, ``{text}``).
-        session_header: prefix the first message of each session with ``[<session> | <timestamp>]``.
-        choice_format: one line per multiple-choice option (``{letter}``, ``{choice}``).
         answer_index: which of ``answers`` is the training target.
     """
 
-    write_system: str | None = DEFAULT_WRITE_SYSTEM
-    read_system: str | None = DEFAULT_READ_SYSTEM
-    speaker_format: str = "{speaker}: {text}"
-    session_header: bool = True
-    choice_format: str = "({letter}) {choice}"
     answer_index: int = 0
 
+    def chat_settings(self) -> ChatSettings:
+        """The rendering part (what the adapter metadata records)."""
+        return ChatSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ChatSettings)})
 
-def write_messages(segments: Sequence[Segment], render: RenderConfig | None = None) -> list[Message]:
+
+def write_messages(segments: Sequence[Segment], render: ChatSettings | None = None) -> list[Message]:
     """The WRITE chat: optional system message, then one message per segment (see :class:`RenderConfig`)."""
-    render = render or RenderConfig()
-    messages: list[Message] = []
-    if render.write_system is not None:
-        messages.append({"role": "system", "content": render.write_system})
-    previous: tuple[str | None, str | None] | None = None
-    for seg in segments:
-        text = seg.text if seg.speaker is None else render.speaker_format.format(speaker=seg.speaker, text=seg.text)
-        here = (seg.session, seg.timestamp)
-        if render.session_header and here != previous and (seg.session or seg.timestamp):
-            label = " | ".join(x for x in here if x)
-            text = f"[{label}]\n{text}"
-        previous = here
-        messages.append({"role": seg.role, "content": text})
-    return messages
+    return history_messages(segments, render or RenderConfig())
 
 
-def question_text(example: Example, render: RenderConfig | None = None) -> str:
+def question_text(example: Example, render: ChatSettings | None = None) -> str:
     """The user turn of the READ segment: the question, plus lettered options for multiple choice."""
-    render = render or RenderConfig()
-    if not example.choices:
-        return example.question
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    lines = [render.choice_format.format(letter=letters[i], choice=c) for i, c in enumerate(example.choices)]
-    return example.question + "\n\n" + "\n".join(lines)
+    return _question_text(example.question, example.choices, render or RenderConfig())
 
 
-def read_messages(example: Example, render: RenderConfig | None = None) -> list[Message]:
+def read_messages(example: Example, render: ChatSettings | None = None) -> list[Message]:
     """The READ prompt (system + user question), without the answer."""
-    render = render or RenderConfig()
-    messages: list[Message] = []
-    if render.read_system is not None:
-        messages.append({"role": "system", "content": render.read_system})
-    messages.append({"role": "user", "content": question_text(example, render)})
-    return messages
-
-
-class ChatFormat:
-    """Renders messages with a tokenizer's chat template (or the plain fallback) and encodes pieces.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer.
-        use_chat_template: force (True) or forbid (False) the chat template; None: use it if present.
-    """
-
-    def __init__(self, tokenizer: Any, use_chat_template: bool | None = None) -> None:
-        self.tokenizer = tokenizer
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        if use_chat_template and not has_template:
-            raise ValueError("the tokenizer has no chat template")
-        self.templated = has_template if use_chat_template is None else use_chat_template
-        eos = getattr(tokenizer, "eos_token", None)
-        self.plain_end = eos if isinstance(eos, str) else ""
-
-    # -- rendering -------------------------------------------------------------------------------
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-        """The conversation as text."""
-        if self.templated:
-            return self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        parts = []
-        for m in messages:
-            end = self.plain_end if m["role"] == "assistant" else ""
-            parts.append(f"{m['role'].capitalize()}: {m['content']}{end}\n\n")
-        if add_generation_prompt:
-            parts.append("Assistant: ")
-        return "".join(parts)
-
-    def message_pieces(self, messages: Sequence[Message]) -> list[str]:
-        """Texts whose concatenation is :meth:`render` (``messages``), one per message."""
-        if not messages:
-            return []
-        full = self.render(messages)
-        first = self.render(messages[:1])
-        pieces = [first]
-        for m in messages[1:]:  # fast path: each message rendered after the first one only
-            both = self.render([messages[0], m])
-            if not both.startswith(first):
-                break
-            pieces.append(both[len(first) :])
-        if len(pieces) == len(messages) and "".join(pieces) == full:
-            return pieces
-        pieces, previous = [], ""  # slow path: prefixes
-        for k in range(1, len(messages) + 1):
-            text = full if k == len(messages) else self.render(messages[:k])
-            if not text.startswith(previous):
-                raise ValueError(
-                    "the chat template does not render conversations prefix by prefix; use use_chat_template=False"
-                )
-            pieces.append(text[len(previous) :])
-            previous = text
-        return pieces
-
-    def answer_parts(self, prompt: Sequence[Message], answer: str) -> tuple[str, str]:
-        """(prompt text incl. the assistant header, answer text incl. the end-of-turn marker)."""
-        prompt_text = self.render(prompt, add_generation_prompt=True)
-        full = self.render([*prompt, {"role": "assistant", "content": answer}])
-        if not full.startswith(prompt_text):
-            raise ValueError("the chat template renders the prompt differently once an answer follows")
-        rest = full[len(prompt_text) :]
-        at = rest.find(answer)
-        if at < 0:
-            raise ValueError("the chat template changed the answer text (e.g. stripped it)")
-        suffix = rest[at + len(answer) :]
-        end_marker = suffix.rstrip(" \n")
-        return prompt_text + rest[:at], answer + end_marker
-
-    # -- encoding ----------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special-token strings in it are recognised; none are added)."""
-        if not text:
-            return []
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-@dataclass
-class WriteChunk:
-    """One piece of the WRITE segment: token ids and, per token, the index of its message."""
-
-    input_ids: list[int]
-    segment_ids: list[int]
+    return question_messages(example.question, render or RenderConfig(), choices=example.choices)
 
 
 @dataclass
@@ -219,32 +125,6 @@ class PackedExample:
     write_truncated: bool = False
     read_truncated: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def split_chunks(ids: list[int], seg: list[int], write_length: int) -> list[WriteChunk]:
-    """Cut a token sequence into chunks of at most ``write_length`` tokens, at message boundaries when
-    the message fits, and inside a message only when it alone is longer than ``write_length``."""
-    chunks: list[WriteChunk] = []
-    cur_ids: list[int] = []
-    cur_seg: list[int] = []
-    start = 0
-    while start < len(ids):
-        end = start
-        while end < len(ids) and seg[end] == seg[start]:
-            end += 1
-        msg_ids, msg_seg = ids[start:end], seg[start:end]
-        if cur_ids and len(cur_ids) + len(msg_ids) > write_length:
-            chunks.append(WriteChunk(cur_ids, cur_seg))
-            cur_ids, cur_seg = [], []
-        while len(msg_ids) > write_length:
-            chunks.append(WriteChunk(msg_ids[:write_length], msg_seg[:write_length]))
-            msg_ids, msg_seg = msg_ids[write_length:], msg_seg[write_length:]
-        cur_ids = cur_ids + msg_ids
-        cur_seg = cur_seg + msg_seg
-        start = end
-    if cur_ids:
-        chunks.append(WriteChunk(cur_ids, cur_seg))
-    return chunks
 
 
 class Packer:
@@ -276,23 +156,16 @@ class Packer:
             raise ValueError("write_length and read_length must be positive")
         if overflow not in ("split", "truncate"):
             raise ValueError("overflow must be 'split' or 'truncate'")
-        self.fmt = ChatFormat(tokenizer, use_chat_template)
+        self.render = render or RenderConfig()
+        self.fmt = ChatFormat(tokenizer, self.render, use_chat_template)
         self.write_length = write_length
         self.read_length = read_length
         self.overflow = overflow
-        self.render = render or RenderConfig()
         self._cache: dict[str, tuple[list[WriteChunk], int, bool]] = {}
 
     def context_ids(self, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
         """Token ids of the whole WRITE chat and the message index of every token (no length limit)."""
-        messages = write_messages(segments, self.render)
-        ids: list[int] = []
-        seg: list[int] = []
-        for index, piece in enumerate(self.fmt.message_pieces(messages)):
-            piece_ids = self.fmt.encode(piece)
-            ids.extend(piece_ids)
-            seg.extend([index] * len(piece_ids))
-        return ids, seg
+        return self.fmt.encode_messages(write_messages(segments, self.render))
 
     def write_chunks(self, example: Example) -> tuple[list[WriteChunk], int, bool]:
         """(chunks, total context tokens, truncated?) of the example's WRITE segment; empty without context."""

@@ -1,9 +1,20 @@
-"""Evaluation: per-benchmark tasks (prompts, decoding settings, official metrics), BM25 retrieval over
-the history, and the runner that combines them into the evaluation conditions.
+"""Evaluation: the ``evaluate`` stage's package, one module per phase (see docs/EVALUATION.md).
 
-* :mod:`pipeline.eval.tasks` — :data:`~pipeline.eval.tasks.TASKS` / :func:`~pipeline.eval.tasks.get_task`.
-* :mod:`pipeline.eval.metrics` — normalisation, token F1 and the IFEval checkers.
-* :mod:`pipeline.eval.retrieval` — :class:`~pipeline.eval.retrieval.BM25Retriever`.
+:func:`pipeline.eval.runner.run_evaluate` (called by ``stages/evaluate.py``) runs, in order:
 
-See docs/EVALUATION.md.
+1. :mod:`~pipeline.eval.params` — the ``evaluate`` section (:class:`~pipeline.eval.params.EvalParams`).
+2. :mod:`~pipeline.eval.inputs`, :mod:`~pipeline.eval.plan` — inputs checked and hashed; units and
+   shards, each with a frozen :class:`~pipeline.eval.plan.PredictionSettings` and a config hash.
+3. :mod:`~pipeline.eval.store` — shards already stored with the same hash are reused.
+4. :mod:`~pipeline.eval.executors` — the other shards, in-process or on Ray (the only module importing
+   Ray), each by an :class:`~pipeline.eval.worker.EvalWorker`: the condition
+   (:mod:`~pipeline.eval.conditions`) builds the requests (:mod:`~pipeline.eval.requests`), the
+   memory-aware backend (:mod:`~pipeline.eval.backend`) writes histories into states and generates, the
+   task (:mod:`~pipeline.eval.tasks`) scores every answer.
+5. :mod:`~pipeline.eval.aggregate`, :mod:`~pipeline.eval.store` — per-unit metrics, predictions written.
+6. :mod:`~pipeline.eval.tracking` — MLflow.
+
+Beside them: :mod:`~pipeline.eval.tasks` (per-benchmark prompts, decoding, official metrics),
+:mod:`~pipeline.eval.metrics` (normalisation, token F1, IFEval checkers), :mod:`~pipeline.eval.retrieval`
+(BM25 over the history), :mod:`~pipeline.eval.meters` (token and memory meters), :mod:`~pipeline.eval.errors`.
 """

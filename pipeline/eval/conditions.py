@@ -19,21 +19,26 @@ condition                  adapter  prompt                               δ-mem 
 =========================  =======  ===================================  ===================================
 
 Conditions without an adapter run once ("variant" ``base``); the others once per adapter variant
-(TSW/SSW/MSW). :class:`PromptBuilder` turns an example into chat messages for a condition; the
-full-context prompt of all questions of one conversation shares one truncated history (the budget is
-computed for the conversation's longest question), so their prompts share a prefix that the runner can
-prefill once.
+(TSW/SSW/MSW). A condition answers, through its methods, every question the later phases ask of it:
+which settings enter its shards' hash (:meth:`Condition.hashed_settings`), whose history is written into
+a conversation's state (:meth:`Condition.memory_source`), whether it needs donors, writes online or
+shares a prefix, which adapters it cannot run with, and how its prompts are built
+(:meth:`Condition.prompt_builder` → :class:`~pipeline.eval.requests.PromptBuilder`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipeline.data.schema import Example
-from pipeline.eval.retrieval import BM25Retriever, retrieve_segments
-from pipeline.eval.tasks.base import Message, Task
+from pipeline.eval.requests import Encoder, PromptBuilder, Request, ShardRequests
+from pipeline.eval.tasks.base import Decoding, Task
+
+if TYPE_CHECKING:
+    from pipeline.eval.plan import PredictionSettings
 
 PromptKind = Literal["question", "context", "retrieval"]
 MemoryKind = Literal["none", "history", "donor", "online"]
@@ -66,6 +71,102 @@ class Condition:
         """The state is built by writing a history before the questions are asked."""
         return self.memory in ("history", "donor")
 
+    @property
+    def needs_donors(self) -> bool:
+        """Its state comes from another conversation (needs two conversations with a history)."""
+        return self.memory == "donor"
+
+    @property
+    def writes_online(self) -> bool:
+        """A fresh state per question, written while the prompt is read and the answer decoded."""
+        return self.memory == "online"
+
+    @property
+    def shares_history_prefix(self) -> bool:
+        """The questions of a conversation share the history as a prompt prefix (prefilled once)."""
+        return self.prompt == "context"
+
+    def memory_source(self, conversation: str, donors: Mapping[str, str]) -> str | None:
+        """The conversation whose history is written into ``conversation``'s state (None: none is)."""
+        if not self.writes_history:
+            return None
+        return donors[conversation] if self.needs_donors else conversation
+
+    def hashed_settings(self) -> tuple[str, ...]:
+        """The :class:`~pipeline.eval.plan.PredictionSettings` fields that can change this condition's
+        predictions (they enter its shards' config hash; the others do not, so e.g. a new ``bm25_k``
+        recomputes only ``rag_bm25``)."""
+        keys = ["decoding", "max_new_tokens_cap", "batch_size", "dtype"]
+        if self.writes_history:
+            keys += ["write_batch_size", "write_length", "reuse_state"]
+        if self.prompt != "question":
+            keys += ["context_window", "context_reserve"]
+        if self.prompt == "context":
+            keys += ["prefix_cache", "prefix_min_tokens"]
+        if self.prompt == "retrieval":
+            keys += ["bm25_k"]
+        return tuple(keys)
+
+    def unsupported_reason(self, write_mode: str | None) -> str | None:
+        """Why this condition cannot run with an adapter of ``write_mode``, or None.
+
+        ``deltamem_full_context`` writes token by token during ``generate``; the library supports that
+        for TSW and MSW only (SSW writes one update per message and needs the message boundaries).
+        """
+        if self.writes_online and write_mode == "SSW":
+            return "generate(memory_write=True) is not supported for write_mode='SSW' (token writes only)"
+        return None
+
+    def prompt_builder(
+        self,
+        task: Task,
+        count_tokens: Callable[[str], int],
+        prompt_tokens: Callable[..., int],
+        window: int,
+        reserve: int,
+        bm25_k: int,
+    ) -> PromptBuilder:
+        """The :class:`~pipeline.eval.requests.PromptBuilder` of ``task``'s prompts under this condition."""
+        return PromptBuilder(task, self, count_tokens, prompt_tokens, window, reserve, bm25_k)
+
+    def build_requests(
+        self,
+        task: Task,
+        groups: Sequence[tuple[str, list[Example]]],
+        settings: PredictionSettings,
+        encoder: Encoder,
+        window: int,
+        donors: Mapping[str, str],
+    ) -> ShardRequests:
+        """The requests of a shard's conversations ``groups`` (prompt ids, decoding, memory source; see
+        :mod:`pipeline.eval.requests`)."""
+        builder = self.prompt_builder(
+            task,
+            encoder.count_tokens,
+            lambda m: len(encoder.prompt_ids(m)),
+            window,
+            settings.context_reserve,
+            settings.bm25_k,
+        )
+        cap = settings.max_new_tokens_cap
+
+        def decoding_of(example: Example) -> Decoding:
+            d = task.decoding(example, settings.decoding)
+            return dataclasses.replace(d, max_new_tokens=min(d.max_new_tokens, cap)) if cap else d
+
+        requests: list[Request] = []
+        history_tokens = 0
+        for key, exs in groups:
+            decs = [decoding_of(e) for e in exs]
+            messages = builder.conversation_messages(key, exs, max(d.max_new_tokens for d in decs))
+            hist = task.history_messages(exs[0])
+            history_tokens += len(encoder.history_ids(hist)[0]) if hist else 0
+            source = self.memory_source(key, donors)
+            for e, d, m in zip(exs, decs, messages, strict=True):
+                requests.append(Request(e, key, encoder.prompt_ids(m), d, source))
+        truncated = sum(1 for v in builder.truncated.values() if v)
+        return ShardRequests(requests, [k for k, _ in groups], history_tokens, truncated)
+
 
 CONDITIONS: dict[str, Condition] = {
     c.name: c
@@ -90,81 +191,5 @@ def get_condition(name: str) -> Condition:
 
 
 def unsupported_reason(condition: Condition, write_mode: str | None) -> str | None:
-    """Why a (condition, adapter write mode) pair cannot run, or None.
-
-    ``deltamem_full_context`` writes token by token during ``generate``; the library supports that for
-    TSW and MSW only (SSW writes one update per message and needs the message boundaries).
-    """
-    if condition.memory == "online" and write_mode == "SSW":
-        return "generate(memory_write=True) is not supported for write_mode='SSW' (token writes only)"
-    return None
-
-
-class PromptBuilder:
-    """Chat messages of one task's examples under one condition.
-
-    Args:
-        task: the benchmark task.
-        condition: the condition.
-        count_tokens: token count of a text (the backbone tokenizer's).
-        prompt_tokens: token count of a message list rendered as a generation prompt.
-        window: the model's context window in tokens (full-context prompts are fitted to it).
-        reserve: tokens kept free besides the generation budget (the paper: 50).
-        bm25_k: segments retrieved for ``rag_bm25``.
-    """
-
-    def __init__(
-        self,
-        task: Task,
-        condition: Condition,
-        count_tokens: Callable[[str], int],
-        prompt_tokens: Callable[[Sequence[Message]], int],
-        window: int,
-        reserve: int = 50,
-        bm25_k: int = 10,
-    ) -> None:
-        self.task, self.condition = task, condition
-        self.count_tokens, self.prompt_tokens = count_tokens, prompt_tokens
-        self.window, self.reserve, self.bm25_k = window, reserve, bm25_k
-        self._retrievers: dict[str, BM25Retriever] = {}
-        self.truncated: dict[str, bool] = {}  # conversation key -> history left-truncated?
-
-    def context_budget(self, examples: Sequence[Example], max_new_tokens: int) -> int:
-        """History tokens that fit: window − generation budget − reserve − the longest prompt without history."""
-        overhead = max(self.prompt_tokens(self.task.context_messages(e, "")) for e in examples)
-        return self.window - max_new_tokens - self.reserve - overhead
-
-    def conversation_messages(self, key: str, examples: Sequence[Example], max_new_tokens: int) -> list[list[Message]]:
-        """The messages of every question of one conversation (``key``), in order. Prompts with a history
-        are fitted to ``window − max_new_tokens − reserve`` tokens (the history cut oldest first)."""
-        kind = self.condition.prompt
-        if kind == "question":
-            return [self.task.question_messages(e) for e in examples]
-        limit = self.window - max_new_tokens - self.reserve
-        if kind == "context":
-            budget = self.context_budget(examples, max_new_tokens)
-            for _ in range(8):  # the context's tokens in isolation may differ slightly from in the prompt
-                context = self.task.fit_context(examples[0], budget, self.count_tokens)
-                messages = [self.task.context_messages(e, context) for e in examples]
-                excess = max(self.prompt_tokens(m) for m in messages) - limit
-                if excess <= 0 or not context:
-                    break
-                budget -= excess
-            self.truncated[key] = context != self.task.render_context(examples[0])
-            return messages
-        retriever = self._retrievers.get(key)
-        if retriever is None:
-            retriever = self._retrievers[key] = BM25Retriever(examples[0].segments)
-        budget = self.context_budget(examples, max_new_tokens)
-        out = []
-        for e in examples:
-            segments = retrieve_segments(e, self.bm25_k, retriever=retriever)  # in history order
-            b = budget
-            for _ in range(8):
-                messages = self.task.context_messages(e, self.task.fit_context(e, b, self.count_tokens, segments))
-                excess = self.prompt_tokens(messages) - limit
-                if excess <= 0:
-                    break
-                b -= excess
-            out.append(messages)
-        return out
+    """:meth:`Condition.unsupported_reason` (kept as a function for callers)."""
+    return condition.unsupported_reason(write_mode)

@@ -31,8 +31,6 @@ import csv
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,12 +39,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.backbone import ordinary_permissions
+from pipeline.common import atomic_dir
 from pipeline.params import register_section
+from pipeline.stats import Interval, PairedComparison, mean_interval, paired_comparison
 
 from .collect import BASE_VARIANT, UnitResult, collect_eval, collect_train
 from .document import Document, Heading, Image, Paragraph, Table
-from .stats import Interval, PairedComparison, mean_interval, paired_comparison
 
 # What a paired comparison of two conditions separates (same questions; they differ only as said here).
 SEPARATES: dict[tuple[str, str], str] = {
@@ -142,7 +140,7 @@ class ReportParams(BaseModel):
         claims: the claims that head the report (:class:`ClaimSpec`), each checked for every variant.
         claim: used only when ``claims`` is not given: then the claims are ``claim`` > ``reference`` and
             ``claim`` > each control.
-        bootstrap / permutations / confidence / seed: the statistics (see :mod:`pipeline.report.stats`).
+        bootstrap / permutations / confidence / seed: the statistics (see :mod:`pipeline.stats`).
         title: the report's title.
     """
 
@@ -814,9 +812,7 @@ def run_report(p: ReportParams, root: Path) -> ReportResult:
     train = collect_train(root / p.train_dir, root / p.models_dir)
     a = analyse(units, p)
     final = root / p.out_dir
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         plots_dir = tmp / "plots"
         plots_dir.mkdir()
         plots: dict[str, Path] = {}
@@ -850,13 +846,4 @@ def run_report(p: ReportParams, root: Path) -> ReportResult:
             **{f"claim/{c['deltamem']}/{c['task']}/gt/{c['versus']}": int(c["holds"]) for c in cl},
         }
         (tmp / "summary.json").write_text(json.dumps(summary_out, indent=2, sort_keys=True) + "\n")
-        ordinary_permissions(tmp)  # mkdtemp's 0700 would make reports/ private to its writer
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ReportResult(final, summary_out, cl, [c for c in every if not c["evaluated"]])

@@ -10,10 +10,11 @@ the commit it came from. Run it after ``dvc repro`` and commit the README with t
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from pipeline.common import atomic_write_text
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -44,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"readme: error: {readme}: {err}", file=sys.stderr)
         return 2
-    tmp = readme.with_name(f".{readme.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(readme)
+    atomic_write_text(readme, text)
     print(f"readme: updated the results section of {readme} from {results}")
     return 0
 

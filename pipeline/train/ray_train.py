@@ -250,18 +250,12 @@ def _drain(queue: Any, log_step: Any, stop: threading.Event) -> None:
 
 def _copy_back(src: Path, root: Path, variant: str) -> dict[str, Any]:
     """The final checkpoint → ``models/<V>/adapter``, ``models/<V>/training_summary.json`` (atomic renames)."""
-    from pipeline.backbone import ordinary_permissions
-    from pipeline.train.trainer import write_json_atomic
+    from pipeline.common import atomic_dir, atomic_write_json
 
     out = root / "models" / variant
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src / "adapter", tmp)
-    ordinary_permissions(tmp)
-    shutil.rmtree(out / "adapter", ignore_errors=True)
-    os.replace(tmp, out / "adapter")
-    write_json_atomic(out / "training_summary.json", json.loads((src / "training_summary.json").read_text()))
+    with atomic_dir(out / "adapter") as tmp:
+        shutil.copytree(src / "adapter", tmp, dirs_exist_ok=True)
+    atomic_write_json(out / "training_summary.json", json.loads((src / "training_summary.json").read_text()))
     return json.loads((src / "metrics.json").read_text())
 
 

@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.backbone import BackboneParams, InputError, resolve_backbone, torch_dtype
+from pipeline.backbone import BackboneParams, InputError, resolve_backbone
+from pipeline.common import atomic_write_json, pad_token_id, torch_dtype
 from pipeline.params import register_section
 
 
@@ -175,6 +176,7 @@ def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
     except (ParamsError, ValueError) as err:
         raise InputError(str(err)) from None
     root = Path(params_file).resolve().parent
+    backbone_name(p, root)  # first: a wrong backbone path is the likelier mistake, and no data is read for it
     splits = [p.train_split] + ([p.validation_split] if p.limit_validation else [])
     from pipeline.data.errors import DataError
     from pipeline.data.schema import read_split
@@ -187,7 +189,6 @@ def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
             read_split(path)
         except DataError as err:
             raise InputError(str(err)) from None
-    backbone_name(p, root)
     for out in (root / "models" / variant, root / "results" / "train" / variant):  # before any step, not after
         _check_output_folder(out)
     return p
@@ -298,7 +299,7 @@ def train_variant(
         what="train.backbone",
     )
     model.to(device)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     train_eps = load_episodes(p, root, tok, p.train_split, p.limit_train)
     val_eps = load_episodes(p, root, tok, p.validation_split, p.limit_validation) if p.limit_validation else []
     frozen = list(model.parameters())  # the backbone's, before δ-mem adds its own
@@ -405,10 +406,8 @@ class StageRun:
 
 
 def write_metrics(root: Path, variant: str, metrics: dict[str, Any]) -> Path:
-    from pipeline.train.trainer import write_json_atomic
-
     out = root / "results" / "train" / variant / "metrics.json"
-    write_json_atomic(out, metrics, sort_keys=True)
+    atomic_write_json(out, metrics, sort_keys=True)
     return out
 
 

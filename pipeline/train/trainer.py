@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from deltamem import DeltaMemConfig, attach_delta_mem, load_adapter
 from deltamem.adapter import save_adapter
-from pipeline.backbone import ordinary_permissions
+from pipeline.common import atomic_write_json, ordinary_permissions
 from pipeline.data.tokenize import IGNORE_INDEX, PackedExample
 
 CKPT_PREFIX = "step-"
@@ -545,23 +545,10 @@ def train(
     if world > 1 or backend.describe():
         summary |= {"world_size": world, "global_batch": b * cfg.grad_accum * world, **backend.describe()}
     if backend.is_main:
-        save_adapter(model, out_dir / "adapter", extra={"training": summary})
+        save_adapter(model, out_dir / "adapter")  # run facts go to training_summary.json, not the adapter
         ordinary_permissions(out_dir / "adapter")
-        write_json_atomic(out_dir / "training_summary.json", {**summary, "history": history})
+        atomic_write_json(out_dir / "training_summary.json", {**summary, "history": history})
     if backend.is_main or backend.private_dirs:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # only needed to resume a killed run
     backend.barrier()
     return TrainResult(out_dir / "adapter", summary, history)
-
-
-def write_json_atomic(path: Path, data: Any, sort_keys: bool = False) -> None:
-    """``path`` ← ``data`` as indented JSON, via a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys))
-    os.replace(tmp, path)
-
-
-def iterate_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

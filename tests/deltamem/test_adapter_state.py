@@ -28,7 +28,7 @@ def test_save_load_round_trip(tmp_path):
         state = model.write_memory(x)
         ref = model(x, memory=state).logits
     model.save_adapter(tmp_path / "ad")
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "config.json"]
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter.safetensors", "deltamem_adapter.json"]
     assert not list(tmp_path.glob(".ad*"))  # no temp leftovers
     fresh = load_adapter(tiny_model("qwen3"), tmp_path / "ad")
     assert fresh.delta_mem.config == cfg

@@ -189,8 +189,13 @@ def test_ssw_writes_segment_means_in_order():
         p = layer.project(means)
         _, ref = delta_rule_naive(p["q"], p["k"], p["v"], p["keep"], p["erase"], p["write"])
     torch.testing.assert_close(state.layers[0], ref, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="segment_ids"):
-        model.write_memory(x)
+    # no usable ids (none, all < 0, or not covering the call's tokens): one write per token, like upstream
+    with torch.no_grad():
+        p = layer.project(hx.unsqueeze(0))
+        _, per_token = delta_rule_naive(p["q"], p["k"], p["v"], p["keep"], p["erase"], p["write"])
+        for seg_ids in (None, torch.full((1, 10), -1), seg[:, :4]):
+            fallback = model.write_memory(x, segment_ids=seg_ids)
+            torch.testing.assert_close(fallback.layers[0], per_token, atol=1e-6, rtol=0)
 
 
 def test_msw_has_independent_substates():

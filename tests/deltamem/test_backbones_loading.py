@@ -275,12 +275,12 @@ class _Stop(Exception):
 
 
 def test_every_stage_passes_attn_implementation_to_the_one_loader(tmp_path, monkeypatch):
-    """backbone, train (single and distributed) and evaluate all load through deltamem.backbones.load_backbone
-    with the section's attn_implementation."""
+    """backbone, train (the one per-rank driver of every launcher) and evaluate all load through
+    deltamem.backbones.load_backbone with the section's attn_implementation."""
     import deltamem.backbones as backbones
-    import pipeline.train.distributed as dist_mod
+    from pipeline.backbone import BackboneParams, prepare_backbone
     from pipeline.eval.runner import EvalWorker
-    from pipeline.train.run import BackboneParams, TrainParams, prepare_backbone, run_train
+    from pipeline.train.run import TrainParams, run_train
 
     seen = []
 
@@ -289,18 +289,17 @@ def test_every_stage_passes_attn_implementation_to_the_one_loader(tmp_path, monk
         raise _Stop
 
     monkeypatch.setattr(backbones, "load_backbone", fake_load)
-    monkeypatch.setattr(dist_mod, "_rank_world", lambda: (0, 1))
+    (tmp_path / "models" / "backbone").mkdir(parents=True)
+    (tmp_path / "some").mkdir()
     with pytest.raises(_Stop):
-        prepare_backbone(BackboneParams(name_or_path="some/where", attn_implementation="eager"), tmp_path)
+        prepare_backbone(BackboneParams(name_or_path="some", attn_implementation="eager"), tmp_path)
     train = TrainParams(backbone="models/backbone", attn_implementation="sdpa")
     with pytest.raises(_Stop):
         run_train(train, "TSW", tmp_path, log_mlflow=False, progress=False)
     with pytest.raises(_Stop):
-        dist_mod.run_train_distributed(train, "TSW", tmp_path, torch.device("cpu"), log_mlflow=False)
-    with pytest.raises(_Stop):
         EvalWorker("models/backbone", "float32", "cpu", 1, attn_implementation="flash_attention_2")
-    assert [s[1] for s in seen] == ["eager", "sdpa", "sdpa", "flash_attention_2"]
-    assert [s[2] for s in seen] == ["backbone.name_or_path", "train.backbone", "train.backbone", "evaluate.backbone"]
+    assert [s[1] for s in seen] == ["eager", "sdpa", "flash_attention_2"]
+    assert [s[2] for s in seen] == ["backbone.name_or_path", "train.backbone", "evaluate.backbone"]
 
 
 def test_evaluate_stage_exits_2_on_a_missing_backbone(tmp_path, capsys, no_network):

@@ -71,3 +71,25 @@ def test_upstream_mapping():
         ).write_mode
         == "SSW"
     )
+
+
+def test_new_options_round_trip_and_stay_out_of_default_configs():
+    base = DeltaMemConfig().to_dict()
+    assert "trainable_delta_scale" not in base and "memory_dtype" not in base  # old adapters' configs unchanged
+    c = DeltaMemConfig(
+        write_mode="SSW",
+        segment_granularity="sentence",
+        trainable_delta_scale=True,
+        delta_scale_granularity="head",
+        delta_o_rmsnorm=True,
+        memory_dtype="backbone",
+    )
+    assert DeltaMemConfig.from_json(c.to_json()) == c
+    for kwargs, field in [
+        ({"memory_dtype": "fp8"}, "memory_dtype"),
+        ({"delta_scale_granularity": "token"}, "delta_scale_granularity"),
+        ({"delta_scale_init": 3.0}, "delta_scale_init"),
+        ({"write_mode": "SSW", "segment_granularity": "word"}, "segment_granularity"),
+    ]:
+        with pytest.raises(ValueError, match=f"DeltaMemConfig.{field}"):
+            DeltaMemConfig(**kwargs)

@@ -50,6 +50,7 @@ def test_session_write_ask_save_load(backbone, tmp_path):
     attach_delta_mem(model, DeltaMemConfig())
     session = MemorySession(model, tok, max_new_tokens=8)
     session.add_message("user", "My cat is called Miso.")
+    session.flush()  # told turns are written at the next question (or flush/save)
     assert max(t.abs().max() for t in session.state.layers.values()) > 0
     before = session.state.clone()
     answer = session.ask("What is my cat called?")

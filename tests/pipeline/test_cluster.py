@@ -136,7 +136,7 @@ def test_job_entrypoint_marks_dvc_no_scm_without_git():
 def test_runtime_env_excludes():
     env = sub.runtime_env("/repo", {"A": "1"})
     assert env["working_dir"] == "/repo" and env["env_vars"] == {"A": "1"}
-    for big in ("/.venv/", "/.git/", "/mlflow.db", "/mlruns/", "/.dvc/cache/", "/models/", "/data/"):
+    for big in ("/.venv/", "/.git/", "/mlflow.db", "/mlruns/", "/.dvc/cache/", "/models/", "/data/*"):
         assert big in env["excludes"]
     assert "/.git/" not in sub.runtime_env(with_git=True)["excludes"]
     assert "env_vars" not in sub.runtime_env()
@@ -286,7 +286,9 @@ def _tiny_dvc_repo(root: Path, env: dict) -> None:
     (root / "pipeline" / "data").mkdir(parents=True)  # an unanchored "data/" exclude would drop this one
     (root / "pipeline" / "data" / "keep.txt").write_text("kept\n")
     (root / "data").mkdir()
-    (root / "data" / "big.bin").write_bytes(b"x" * 1024)  # excluded: /data/
+    (root / "data" / "big.bin").write_bytes(b"x" * 1024)  # excluded: /data/*
+    (root / "data" / "raw").mkdir()
+    (root / "data" / "raw" / "README.md").write_text("kept: data/raw is a dependency of prepare\n")
     (root / "mlflow.db").write_text("")  # excluded
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=60)
@@ -301,7 +303,7 @@ def test_dvc_repro_runs_as_a_ray_job(local_head, tmp_path):
     t0 = time.monotonic()
     res = subprocess.run(
         [str(deltamem), "submit", "--address", local_head["address"], "--working-dir", str(repo), "--timeout", "180",
-         "--entrypoint", "dvc repro && ls -A . pipeline/data && echo JOB_PATH=$PATH",
+         "--entrypoint", "dvc repro && ls -A . pipeline/data && ls -AR data && echo JOB_PATH=$PATH",
          "--submission-id", "deltamem-test-repro"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
@@ -319,7 +321,8 @@ def test_dvc_repro_runs_as_a_ray_job(local_head, tmp_path):
     assert "core.no_scm" in client.get_job_info("deltamem-test-repro").entrypoint
     listing = logs.split("Running stage", 1)[1]
     assert "keep.txt" in listing, logs  # pipeline/data/ uploaded
-    for gone in ("mlflow.db", "\ndata\n", ".git\n"):
+    assert "big.bin" not in listing and "README.md" in listing, logs  # data/ minus its data (dvc.yaml deps)
+    for gone in ("mlflow.db", ".git\n"):
         assert gone not in listing.split("pipeline/data:")[0], f"{gone!r} was uploaded:\n{logs}"
     # the stage's output exists in the job's (unpacked) working dir on the node
     outs = list((local_head["temp_dir"]).glob("session_*/runtime_resources/working_dir_files/*/out.txt"))

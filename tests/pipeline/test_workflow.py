@@ -4,7 +4,10 @@ A shrunken copy of the shipped params.yaml (a few dialogues, 3 optimiser steps, 
 stage — prepare → backbone (the embedded SmolLM2) → train@TSW → evaluate (all conditions) → report —
 then checks what users rely on: the report and metrics exist, MLflow holds one parent run with the stage
 runs under it, a second `dvc repro` reruns nothing, changing one evaluation parameter reruns only
-evaluate and report, and `dvc exp run -S` / `dvc exp show` / `dvc metrics diff` work.
+evaluate and report, `dvc exp run -S` / `dvc exp show` / `dvc exp apply` / `dvc metrics diff` give each
+experiment's numbers, a failing stage loses no computed metrics, and every process of `dvc repro` and of
+`dvc exp run --temp` imports the clone it runs in (no PYTHONPATH; the venv's editable install is another
+checkout), with MLflow runs in the clone's database.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.e2e import probe
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -54,17 +59,24 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("workflow") / "repo"
     root.mkdir()
     _copy_project(root)
+    probe.install(root)
     _shrink(root / "params.yaml")
     venv_bin = str(Path(sys.executable).parent)
     env = {
         **os.environ,
         "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
-        "PYTHONPATH": str(root),  # the copy's code, not the editable install's
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        probe.ENV: str(root.parent / "imports.log"),  # which checkout each process imported
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         "TQDM_DISABLE": "1",
     }
-    for key in ("DELTAMEM_PIPELINE_ID", "DELTAMEM_PIPELINE_STATE", "DELTAMEM_PARAMS_FILE", "MLFLOW_EXPERIMENT_NAME"):
+    for key in (
+        "PYTHONPATH",
+        "MLFLOW_TRACKING_URI",
+        "DELTAMEM_PIPELINE_ID",
+        "DELTAMEM_PIPELINE_STATE",
+        "DELTAMEM_PARAMS_FILE",
+        "MLFLOW_EXPERIMENT_NAME",
+    ):
         env.pop(key, None)
     git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git[1:], "commit", "-qm", "copy"]):
@@ -84,9 +96,12 @@ def ran(output: str) -> set[str]:
 
 
 def test_repro_end_to_end(project):
-    root, _ = project
+    root, env = project
     out = sh(project, "dvc", "repro")
     assert ran(out) == {"prepare", "backbone", "train@TSW", "evaluate", "report"}
+    imports = probe.read(Path(env[probe.ENV]))
+    assert not probe.foreign(imports, root), probe.foreign(imports, root)  # never the installed checkout
+    assert probe.kinds(imports) >= {"prepare", "backbone", "train", "evaluate", "report"}
     report = (root / "reports" / "report.md").read_text()
     assert "## Claims checked" in report and "deltamem_shuffled" in report and "## Cost" in report
     html = (root / "reports" / "report.html").read_text()
@@ -106,7 +121,7 @@ def test_repro_end_to_end(project):
     # MLflow: one parent run for this execution, every stage run nested under it, closed by the report
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")  # the clone's own database (no env var)
     exp = client.get_experiment_by_name("deltamem")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     parents = [r for r in runs if r.data.tags.get("deltamem.kind") == "pipeline"]
@@ -137,15 +152,127 @@ def test_changing_an_evaluation_parameter_reruns_only_evaluate_and_report(projec
     assert ran(out) == {"evaluate", "report"}
 
 
-def test_dvc_experiments_and_metrics_diff(project):
+def _commit(project, message: str) -> None:
     sh(project, "git", "add", "-A")
-    sh(project, "git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "baseline")
-    out = sh(project, "dvc", "exp", "run", "-S", "report.bootstrap=300", "-n", "more-resamples")
-    assert ran(out) == {"report"}
-    text = json.dumps(_json_tail(sh(project, "dvc", "exp", "show", "--json", stdout_only=True)))
-    assert "more-resamples" in text and "reports/summary.json" in text and "results/metrics/evaluate.json" in text
-    diff = sh(project, "dvc", "metrics", "diff", "--all")
-    assert "reports/summary.json" in diff
+    sh(
+        project,
+        "git",
+        "-c",
+        "user.email=ci@example.com",
+        "-c",
+        "user.name=ci",
+        "commit",
+        "--allow-empty",
+        "-qm",
+        message,
+    )
+
+
+def _experiment(shown: object, name: str) -> dict:
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") == name:
+                    return {**rev["data"], "rev": rev.get("rev") or rev["data"].get("rev")}
+    raise AssertionError(f"experiment {name} not in dvc exp show --json")
+
+
+def _metrics(data: dict) -> dict[str, dict]:
+    return {f: m.get("data") or {} for f, m in (data.get("metrics") or {}).items()}
+
+
+METRIC_FILES = {"results/train/TSW/metrics.json", "reports/metrics.json"}  # `metrics` in dvc.yaml
+COMMITTED = {*METRIC_FILES, "results/metrics/evaluate.json"}  # git-tracked: in every experiment commit
+
+
+def test_dvc_experiments_and_metrics_diff(project):
+    root, _ = project
+    _commit(project, "baseline")
+    baseline = {f: json.loads((root / f).read_text()) for f in COMMITTED}
+    out = sh(project, "dvc", "exp", "run", "-S", "evaluate.bm25_k=3", "-n", "bm25-3")
+    assert ran(out) == {"evaluate", "report"}
+    after = {f: json.loads((root / f).read_text()) for f in COMMITTED}
+    sh(project, "git", "checkout", "-q", "--", ".")  # back to the baseline workspace
+    sh(project, "dvc", "checkout", "-q")
+    shown = _json_tail(sh(project, "dvc", "exp", "show", "--json", stdout_only=True))
+    exp = _experiment(shown, "bm25-3")
+    assert exp["params"]["params.yaml"]["data"]["evaluate"]["bm25_k"] == 3
+    metrics = _metrics(exp)
+    assert set(metrics) >= METRIC_FILES, f"metric files missing from the experiment: {METRIC_FILES - set(metrics)}"
+    for f in METRIC_FILES:
+        assert metrics[f] == after[f], f  # the experiment's own numbers, not the workspace's
+    for f in COMMITTED:  # the experiment commit holds every file, evaluate.json included
+        assert json.loads(sh(project, "git", "show", f"{exp['rev']}:{f}", stdout_only=True)) == after[f], f
+    score = "TSW/deltamem_only/synthetic/score"
+    assert isinstance(metrics["reports/metrics.json"][score], float)
+    assert len(metrics["reports/metrics.json"]) < 40  # the readable DVC metrics file (reports/summary.json has all)
+
+    # dvc exp apply brings the experiment's metrics into the workspace; metrics diff compares with HEAD
+    sh(project, "dvc", "exp", "apply", "bm25-3")
+    assert json.loads((root / "results/metrics/evaluate.json").read_text()) == after["results/metrics/evaluate.json"]
+    diff = json.loads(sh(project, "dvc", "metrics", "diff", "--json", stdout_only=True))
+    for f in METRIC_FILES:
+        assert (f in diff) == (after[f] != baseline[f]), (f, diff)
+    targeted = json.loads(
+        sh(project, "dvc", "metrics", "diff", "--json", "--targets", "results/metrics/evaluate.json", stdout_only=True)
+        or "{}"
+    )
+    assert ("results/metrics/evaluate.json" in targeted) == (
+        after["results/metrics/evaluate.json"] != baseline["results/metrics/evaluate.json"]
+    )
+    sh(project, "git", "checkout", "-q", "--", ".")
+    sh(project, "dvc", "checkout", "-q")
+    assert json.loads((root / "reports/metrics.json").read_text()) == baseline["reports/metrics.json"]
+
+
+def test_a_failing_stage_loses_no_computed_metrics(project):
+    """A params typo makes train and evaluate fail; every metric survives or comes back without recomputing."""
+    root, _ = project
+    before = {f: (root / f).read_text() for f in COMMITTED}
+    good = (root / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["train"]["optim"]["lr"] = -1.0  # invalid: train@TSW exits 2
+    params["evaluate"]["bm25_k"] = 0  # invalid: evaluate exits 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _, env = project
+    failed = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "train@TSW" in failed.stdout + failed.stderr
+    failed = subprocess.run(["dvc", "repro", "-s", "evaluate"], cwd=root, env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "evaluate" in ran(failed.stdout)
+    assert (root / "results/metrics/evaluate.json").read_text() == before["results/metrics/evaluate.json"]
+    (root / "params.yaml").write_text(good)
+    out = sh(project, "dvc", "repro")
+    assert "train@TSW" not in ran(out), "a failed run forced a retrain"
+    for f in METRIC_FILES:
+        assert (root / f).read_text() == before[f], f
+    assert json.loads((root / "results/metrics/evaluate.json").read_text()) == json.loads(
+        before["results/metrics/evaluate.json"]
+    )
+
+
+def test_temp_experiment_runs_the_clones_code_and_logs_to_its_mlflow(project):
+    """`dvc exp run --temp` runs in .dvc/tmp/exps/<tmp>: its processes import that copy (never the installed
+    checkout) and log to the clone's MLflow database (not one deleted with the temporary folder)."""
+    root, env = project
+    _commit(project, "before the temp run")
+    log = Path(env[probe.ENV])
+    log.unlink(missing_ok=True)
+    out = sh(project, "dvc", "exp", "run", "--temp", "-S", "report.bootstrap=300", "-n", "temp-run")
+    assert "report" in ran(out) and "train@TSW" not in ran(out)
+    imports = probe.read(log)
+    assert imports and probe.kinds(imports) >= {"report"}
+    for path, argv in imports:
+        assert str(root / ".dvc" / "tmp" / "exps") in path, f"{argv} imported {path}"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("deltamem")
+    runs = client.search_runs([exp.experiment_id], "tags.`dvc.exp_name` = 'temp-run'", max_results=50)
+    assert any(r.info.run_name == "report" for r in runs)
+    shown = _json_tail(sh(project, "dvc", "exp", "show", "--json", stdout_only=True))
+    assert isinstance(
+        _metrics(_experiment(shown, "temp-run"))["reports/metrics.json"]["TSW/deltamem_only/synthetic/score"], float
+    )
 
 
 def _json_tail(output: str) -> object:

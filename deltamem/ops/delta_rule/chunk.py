@@ -40,7 +40,17 @@ def delta_rule_chunk(
     mask: torch.Tensor | None = None,
     chunk_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked scan. Returns ``(reads [B, T, H, r], final_state [B, H, r, r])``, equal to the naive loop."""
+    """Chunked scan. Returns ``(reads [B, T, H, r], final_state [B, H, r, r])``, equal to the naive loop.
+
+    Half-precision inputs (bf16/fp16) are computed in fp32 (the triangular solve needs it) and the results
+    cast back to the inputs' dtypes."""
+    if q.dtype in (torch.bfloat16, torch.float16):
+        out_dtype = q.dtype
+        s_dtype = initial_state.dtype if initial_state is not None else q.dtype
+        xs = [t.float() for t in (q, k, v, keep, erase, write)]
+        s0 = initial_state.float() if initial_state is not None else None
+        reads, state = delta_rule_chunk(*xs, s0, mask, chunk_size=chunk_size)
+        return reads.to(out_dtype), state.to(s_dtype)
     B, T, H, r = q.shape
     state = initial_state if initial_state is not None else q.new_zeros(B, H, r, r)
     if T == 0:
@@ -92,12 +102,19 @@ def delta_rule_chunk(
     offset = torch.einsum("bhnrc,bhncd->bhnrd", to_end * u, kc)  # [B, H, N, R, r]
     transfer = torch.einsum("bhnrc,bhncd,bhnrce->bhnrde", to_end, kc, W)  # [B, H, N, R, r, r]
 
+    # the only sequential part: per row and chunk the affine map s ← A s + o, A = Γ_C I − transfer; one
+    # batched multiply-add per chunk (rows of all batch elements and sub-states form the batch)
+    eye = torch.eye(r, dtype=transfer.dtype, device=transfer.device)
+    A = gamma_end[..., None, None] * eye - transfer  # [B, H, N, R, r, r]
+    A_n = A.permute(2, 0, 1, 3, 4, 5).reshape(N, B * H * r, r, r).unbind(0)
+    o_n = offset.permute(2, 0, 1, 3, 4).reshape(N, B * H * r, r, 1).unbind(0)
+    s = state.reshape(B * H * r, r, 1)
     starts = []
-    s = state
-    for n in range(N):  # the only sequential part: one r×r affine map per row and chunk
+    for n in range(N):
         starts.append(s)
-        s = gamma_end[:, :, n].unsqueeze(-1) * s + offset[:, :, n] - (transfer[:, :, n] @ s.unsqueeze(-1)).squeeze(-1)
-    s_start = torch.stack(starts, dim=2)  # [B, H, N, R, r]
+        s = torch.baddbmm(o_n[n], A_n[n], s)
+    s_start = torch.stack(starts).view(N, B, H, r, r).permute(1, 2, 0, 3, 4)  # [B, H, N, R, r]
+    s = s.view(B, H, r, r)
     reads = read_u + (read_s @ s_start.unsqueeze(-1)).squeeze(-1)  # [B, H, N, R, C]
     reads = reads.permute(0, 2, 4, 1, 3).reshape(B, N * C, H, r)[:, :T]
     if mask is not None:

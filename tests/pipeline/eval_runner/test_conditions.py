@@ -105,3 +105,45 @@ def test_params_section(tmp_path):
         path.write_text(f"evaluate:\n  {bad}\n")
         with pytest.raises(ParamsError, match=match):
             load_section(path, "evaluate")
+
+
+def test_each_condition_hashes_exactly_the_settings_that_can_change_its_predictions():
+    """The shard hash of a condition covers these PredictionSettings fields and no others (so e.g. a new
+    ``bm25_k`` recomputes only ``rag_bm25``); the lists are the ones the hashes of stored results used."""
+    from dataclasses import fields
+
+    from pipeline.eval.plan import PredictionSettings
+
+    common = {"decoding", "max_new_tokens_cap", "batch_size", "dtype"}
+    write = {"write_batch_size", "write_length", "reuse_state"}
+    window = {"context_window", "context_reserve"}
+    prefix = {"prefix_cache", "prefix_min_tokens"}
+    expected = {
+        "base_no_context": common,
+        "base_full_context": common | window | prefix,
+        "rag_bm25": common | window | {"bm25_k"},
+        "deltamem_only": common | write,
+        "deltamem_full_context": common | window | prefix,
+        "deltamem_shuffled": common | write,
+    }
+    settings = PredictionSettings.from_params(EvalParams(bm25_k=7, write_length=99))
+    assert {f.name for f in fields(PredictionSettings)} == set().union(*expected.values())
+    for name, keys in expected.items():
+        hashed = settings.hashed(get_condition(name))
+        assert set(hashed) == keys, name
+        assert all(hashed[k] == getattr(settings, k) for k in keys)
+    assert settings.hashed(get_condition("rag_bm25"))["bm25_k"] == 7
+
+
+def test_where_each_condition_takes_its_memory_from():
+    donors = {"c1": "c2", "c2": "c1"}
+    assert get_condition("deltamem_only").memory_source("c1", donors) == "c1"
+    assert get_condition("deltamem_shuffled").memory_source("c1", donors) == "c2"
+    for name in ("base_no_context", "base_full_context", "rag_bm25", "deltamem_full_context"):
+        assert get_condition(name).memory_source("c1", donors) is None
+    assert [n for n in CONDITIONS if get_condition(n).needs_donors] == ["deltamem_shuffled"]
+    assert [n for n in CONDITIONS if get_condition(n).writes_online] == ["deltamem_full_context"]
+    assert [n for n in CONDITIONS if get_condition(n).shares_history_prefix] == [
+        "base_full_context",
+        "deltamem_full_context",
+    ]

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.eval.executors as executors
+import pipeline.eval.inputs as inputs
+import pipeline.eval.plan as planning
 import pipeline.eval.runner as runner
 from stages.evaluate import main
 
@@ -30,7 +33,7 @@ class _NoWorker:
 
 def run_stage(tmp_path, eval_root, capsys, monkeypatch, **overrides) -> tuple[int, str]:
     """The stage in-process on the tiny setup; returns (exit status, stderr)."""
-    monkeypatch.setattr(runner, "EvalWorker", _NoWorker)
+    monkeypatch.setattr(executors, "EvalWorker", _NoWorker)
     params = tmp_path / "params.yaml"
     write_params(params, eval_root, tmp_path / "out", **overrides)
     capsys.readouterr()
@@ -58,7 +61,7 @@ def test_a_corrupt_adapter_is_one_line_exit_2_naming_the_file(damage, eval_root,
     from safetensors.torch import load_file, save_file
 
     adapter = adapter_copy(eval_root, tmp_path)
-    weights, config = adapter / "adapter.safetensors", adapter / "config.json"
+    weights, config = adapter / "adapter.safetensors", adapter / "deltamem_adapter.json"
     if damage == "truncated":
         data = weights.read_bytes()
         weights.write_bytes(data[: len(data) // 2])
@@ -127,7 +130,7 @@ def test_the_worker_refuses_a_bad_adapter_once_without_retries(
         workers=0,
         max_retries=3,
     )
-    monkeypatch.setattr(runner, "check_adapter", lambda *a, **k: None)  # as for a hub backbone
+    monkeypatch.setattr(planning, "check_adapter", lambda *a, **k: None)  # as for a hub backbone
     spec = runner.plan(p, eval_root)[0].shards[0]
     calls = []
     real = worker.run_shard
@@ -181,7 +184,7 @@ def test_a_corrupt_prepared_split_is_one_line_exit_2_naming_the_file(damage, eva
 def test_an_output_folder_that_cannot_be_written_is_found_before_any_shard(eval_root, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    monkeypatch.setattr(runner, "EvalWorker", _NoWorker)
+    monkeypatch.setattr(executors, "EvalWorker", _NoWorker)
     params = tmp_path / "params.yaml"
     write_params(params, eval_root, blocker / "results")
     code = main(["--params", str(params), "--no-tracking"])
@@ -199,7 +202,7 @@ def test_a_full_disk_is_found_before_any_shard(eval_root, tmp_path, capsys, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(runner.os, "write", full)
+    monkeypatch.setattr(inputs.os, "write", full)
     code, err = run_stage(tmp_path, eval_root, capsys, monkeypatch)
     line = one_line_error(err)
     assert code == 2 and "No space left on device" in line and str(tmp_path / "out") in line

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pipeline.eval.ray_runner import _POOL, actor_capacity, shutdown_pool
+from pipeline.eval.executors import _POOL, actor_capacity, shutdown_pool
 from pipeline.eval.runner import EvalError, EvalInputError, run_evaluate
 
 from .conftest import make_params

@@ -17,7 +17,7 @@ from pipeline.report import (
     run_report,
     sign_flip_p_value,
 )
-from pipeline.report.stats import ratio
+from pipeline.stats import ratio
 
 
 # ------------------------------------------------------------------------------------------- statistics

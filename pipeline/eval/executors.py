@@ -1,19 +1,25 @@
-"""Ray execution of evaluation shards: worker actors that load the backbone once, a retrying scheduler.
+"""Phase 5b of ``evaluate``: executors — where shards are computed; the only module that imports Ray.
 
-* :func:`init_ray` connects to ``evaluate.ray.address`` / ``$RAY_ADDRESS`` when set, else starts a local
-  cluster confined to 127.0.0.1 (:func:`pipeline.ray_local.start_local_ray`: no dashboard, object store
-  capped at ``ray.object_store_mb``, ``ray.num_cpus`` CPUs). A session that is already initialised (e.g.
-  by a test) is reused and left running.
-* :func:`fit_workers` checks, before any actor is created, how many actors of ``ray.actor_num_cpus`` /
-  ``ray.actor_num_gpus`` the cluster's nodes can hold: more ``workers`` than that are reduced with a
-  warning; none at all is an :class:`~pipeline.eval.runner.EvalInputError` (exit 2), never a hang.
-* :func:`run_ray` starts that many :class:`~pipeline.eval.runner.EvalWorker` actors and hands a shard
-  only to an actor that has started (its constructor returned); an actor that never starts (the cluster
-  is busy) gets no work, and if none starts within ``ray.actor_start_timeout_s`` the stage stops with a
-  clear error. A shard whose task raises is queued again until it has failed ``max_retries + 1`` times;
-  an actor that dies is replaced. Every retry and replacement is logged with the shard, the worker and
-  the reason. Results come back to the driver, which writes each shard as soon as it arrives, so a stage
-  that fails keeps every finished shard for the next run.
+Both executors take the shards still to compute and a callback ``on_result(spec, result)`` (the driver
+writes each shard as soon as it arrives, so a stage that fails keeps every finished shard), retry a
+failed shard up to ``max_retries`` times, never retry an :class:`~pipeline.eval.errors.EvalInputError`
+(bad input fails the same way every time), and return ``{shard key: last error}`` of the shards that
+failed every attempt (:class:`Executor`).
+
+* :class:`LocalExecutor` (``workers: 0``): one :class:`~pipeline.eval.worker.EvalWorker` in this process.
+* :class:`RayExecutor`: ``workers`` actors of that class.
+
+  - :func:`init_ray` connects to ``evaluate.ray.address`` / ``$RAY_ADDRESS`` when set, else starts a
+    local cluster confined to 127.0.0.1 (:func:`pipeline.ray_local.start_local_ray`: no dashboard,
+    object store capped at ``ray.object_store_mb``, ``ray.num_cpus`` CPUs). A session that is already
+    initialised (e.g. by a test) is reused and left running.
+  - :func:`fit_workers` checks, before any actor is created, how many actors of ``ray.actor_num_cpus`` /
+    ``ray.actor_num_gpus`` the cluster's nodes can hold: more ``workers`` than that are reduced with a
+    warning; none at all is an :class:`~pipeline.eval.errors.EvalInputError` (exit 2), never a hang.
+  - :func:`run_ray` hands a shard only to an actor that has started (its constructor returned); an
+    actor that never starts gets no work, and if none starts within ``ray.actor_start_timeout_s`` the
+    stage stops with a clear error. An actor that dies is replaced. Every retry and replacement is
+    logged with the shard, the worker and the reason.
 
 On a remote cluster every node needs the project installed and the backbone, adapter and data paths
 (the driver sends absolute paths); results travel back through the object store.
@@ -27,11 +33,104 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from pipeline.eval.runner import EvalInputError, EvalParams, EvalWorker, ShardSpec, worker_threads
+from pipeline.eval.errors import EvalInputError, describe_error
+from pipeline.eval.params import EvalParams
+from pipeline.eval.plan import ShardSpec
+from pipeline.eval.worker import EvalWorker
 from pipeline.ray_local import LocalRay, start_local_ray
+
+OnResult = Callable[[ShardSpec, dict[str, Any]], None]
+
+
+class Executor(Protocol):
+    """Computes shards; returns ``{shard key: last error}`` of those that failed every attempt."""
+
+    def run(self, specs: Sequence[ShardSpec], on_result: OnResult) -> dict[str, str]: ...
+
+
+@dataclass
+class LocalExecutor:
+    """In this process (``workers: 0``); ``worker``: an already loaded one (tests, notebooks)."""
+
+    p: EvalParams
+    backbone: str
+    worker: EvalWorker | None = None
+
+    def run(self, specs: Sequence[ShardSpec], on_result: OnResult) -> dict[str, str]:
+        return run_local(specs, self.p, self.backbone, on_result, self.worker)
+
+
+@dataclass
+class RayExecutor:
+    """On ``workers`` Ray actors."""
+
+    p: EvalParams
+    backbone: str
+
+    def run(self, specs: Sequence[ShardSpec], on_result: OnResult) -> dict[str, str]:
+        return run_ray(specs, self.p, self.backbone, on_result)
+
+
+def executor_for(p: EvalParams, backbone: str, worker: EvalWorker | None = None) -> Executor:
+    """:class:`LocalExecutor` for ``workers: 0``, else :class:`RayExecutor`."""
+    if p.workers == 0:
+        return LocalExecutor(p, backbone, worker)
+    return RayExecutor(p, backbone)
+
+
+def worker_threads(p: EvalParams, in_process: bool) -> int | None:
+    if p.threads:
+        return p.threads
+    return None if in_process else max(1, int(p.ray.actor_num_cpus))
+
+
+def run_local(
+    specs: Sequence[ShardSpec],
+    p: EvalParams,
+    backbone: str,
+    on_result: OnResult,
+    worker: EvalWorker | None = None,
+) -> dict[str, str]:
+    """Compute shards in this process with retries; returns ``{shard key: error}`` of the failed ones."""
+    failures: dict[str, str] = {}
+    if not specs:
+        return failures
+    if worker is None:
+        try:
+            worker = EvalWorker(
+                backbone,
+                p.dtype,
+                p.device,
+                worker_threads(p, in_process=True),
+                attn_implementation=p.attn_implementation,
+            )
+        except OSError as err:  # missing / unreadable backbone files, offline hub: an input problem
+            raise EvalInputError(f"backbone {backbone}: {describe_error(err)}") from None
+    for spec in specs:
+        for attempt in range(p.max_retries + 1):
+            try:
+                result = worker.run_shard(spec, attempt)
+            except EvalInputError:
+                raise  # bad input fails the same way on every attempt: stop now (finished shards are kept)
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+                if attempt < p.max_retries:
+                    print(
+                        f"evaluate: retrying {spec.key} (attempt {attempt + 2} of {p.max_retries + 1}) after: "
+                        f"{describe_error(err)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                continue
+            on_result(spec, result)
+            break
+        else:
+            failures[spec.key] = error
+    return failures
+
 
 # the local cluster started by init_ray (None: none, or a session we did not start)
 _LOCAL: dict[str, LocalRay | None] = {"ray": None}
@@ -140,7 +239,7 @@ def run_ray(
     specs: Sequence[ShardSpec],
     p: EvalParams,
     backbone: str,
-    on_result: Callable[[ShardSpec, dict[str, Any]], None],
+    on_result: OnResult,
 ) -> dict[str, str]:
     """Compute ``specs`` on Ray worker actors; returns ``{shard key: last error}`` of the shards that
     failed ``max_retries + 1`` times (the others have been passed to ``on_result``).
@@ -189,7 +288,7 @@ def run_ray(
             while queue and idle:
                 spec, attempt = queue.popleft()
                 slot = idle.pop()
-                ref = actors[slot].run_shard.remote(asdict(spec), attempt)
+                ref = actors[slot].run_shard.remote(spec.to_dict(), attempt)
                 running[ref] = (spec, attempt, slot)
             waiting = list(running) + list(starting)
             if not running:  # nothing computing: bound the wait for an actor to start

@@ -1,4 +1,8 @@
-"""Uncertainty for the report: bootstrap intervals and a paired test, over questions.
+"""Uncertainty over questions: bootstrap intervals and a paired test (the evaluator and the report).
+
+The evaluator's ``<headline>/ci95_low|high`` (``evaluate.bootstrap`` resamples, ``evaluate.seed``) and the
+report's headline intervals (``report.bootstrap``, ``report.seed``) are both :func:`mean_interval`: with the
+same resamples and seed they are the same numbers. The report shows only its own intervals.
 
 Every comparison in the report is *paired*: two conditions answer the same questions, so with per-question
 scores x_i (δ-mem) and y_i (a baseline), i = 1…n, we resample question indices, not the two lists apart.

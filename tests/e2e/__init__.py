@@ -1,0 +1,1 @@
+"""End-to-end rehearsal of the presets on CPU stand-ins (slow; docs/REHEARSAL.md)."""
