@@ -38,6 +38,11 @@ NOT_RUN: list[tuple[str, str, str]] = [
         "the whole pipeline (CPU minutes); run in a temporary clone with shrunken params",
         "tests/pipeline/test_workflow.py::test_repro_end_to_end",
     ),
+    (
+        r"^(DEPS=|dvc exp |dvc queue |dvc metrics diff)",
+        "experiments on top of a finished `dvc repro` (CPU minutes); run in the workflow test's temporary clone",
+        "tests/pipeline/test_workflow.py::test_dvc_experiments_and_metrics_diff",
+    ),
     (r"torch\.cuda\.is_available\(\)", "asserts a CUDA GPU", ""),
     (r"^\.venv/bin/pip install ", "installs GPU wheels from PyPI / the PyTorch index (network, CUDA)", ""),
     (r"pip install flash-attn", "compiles FlashAttention-2 against CUDA (10-30 min, a GPU toolchain)", ""),

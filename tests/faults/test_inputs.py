@@ -155,13 +155,7 @@ def _loop(path: Path) -> None:
         ("adapter_weights", "missing"),
         ("adapter_weights", "symlink_loop"),
         ("adapter_config", "directory"),
-        pytest.param(
-            "adapter_config",
-            "a_list",
-            marks=pytest.mark.xfail(
-                strict=True, reason="deltamem/adapter.py read_adapter_config: AttributeError on a non-object config"
-            ),
-        ),
+        ("adapter_config", "a_list"),
         ("adapter_folder", "a_file"),
         ("backbone_config", "directory"),
         ("backbone_config", "missing"),
@@ -191,7 +185,7 @@ def test_a_damaged_evaluation_artefact_is_one_line_exit_2_naming_it_before_any_s
     manifest.write_text(json.dumps({"datasets": {"synthetic": {"splits": {"test": {"examples": records}}}}}))
     target = {
         "adapter_weights": adapter / "adapter.safetensors",
-        "adapter_config": adapter / "config.json",
+        "adapter_config": adapter / "deltamem_adapter.json",
         "adapter_folder": adapter,
         "backbone_config": backbone / "config.json",
         "backbone_folder": backbone,
@@ -229,7 +223,7 @@ def test_a_damaged_evaluation_artefact_is_one_line_exit_2_naming_it_before_any_s
         adapters={"TSW": str(adapter)},
     )
     if (artefact, damage) == ("adapter_config", "directory"):
-        target = adapter  # "<folder>: not a δ-mem adapter (expected config.json + adapter.safetensors ...)"
+        target = adapter  # "<folder>: not a δ-mem adapter (expected its files)"
     assert code == 2 and str(target) in line, line
 
 
