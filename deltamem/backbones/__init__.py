@@ -94,6 +94,10 @@ def _tokenizer(src: ModelSource, name: str, what: str, gguf_file: str | None = N
         return AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
         raise BackboneLoadError(f"{what} {name!r}: {one_line(err)}") from None
+    except ValueError as err:  # a damaged local folder: e.g. an empty or invalid tokenizer.json
+        if not src.local:
+            raise
+        raise BackboneLoadError(f"{what} {src.path}: unreadable tokenizer files ({one_line(err)})") from None
 
 
 def load_tokenizer(
@@ -145,4 +149,15 @@ def load_backbone(
         )
     except OSError as err:
         raise BackboneLoadError(f"{what} {name_or_path!r}: {one_line(err)}") from None
+    except Exception as err:  # a damaged local folder: config.json a directory, truncated safetensors, ...
+        if not src.local or not _damaged_folder_error(err):
+            raise
+        raise BackboneLoadError(f"{what} {src.path}: not a loadable model folder ({one_line(err)})") from None
     return model.eval(), tok
+
+
+def _damaged_folder_error(err: BaseException) -> bool:
+    """Errors from_pretrained raises for broken files in a local folder (not bugs of ours)."""
+    if isinstance(err, ValueError):  # incl. json.JSONDecodeError, "Unrecognized model"
+        return True
+    return type(err).__name__ == "SafetensorError"

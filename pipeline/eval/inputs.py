@@ -84,17 +84,27 @@ def check_manifest_count(data_dir: Path, dataset: str, split: str, path: Path, n
     """A split whose record count differs from what the prepare stage's manifest recorded is an error
     (a truncated or replaced file would otherwise be evaluated silently on fewer questions)."""
     manifest = data_dir / "manifest.json"
+    if not manifest.exists() and not manifest.is_symlink():
+        return  # prepared by hand: nothing to compare with
     if not manifest.is_file():
-        return
+        raise EvalInputError(f"{manifest}: not a file (expected the prepare stage's manifest.json)")
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise EvalInputError(describe_error(err, manifest)) from None
-    info = (
-        (data.get("datasets") or {}).get(dataset, {}).get("splits", {}).get(split) if isinstance(data, dict) else None
-    )
+    if not isinstance(data, dict):
+        raise EvalInputError(
+            f"{manifest}: expected a JSON object (the prepare stage's manifest), got {type(data).__name__}"
+        )
+    info = (data.get("datasets") or {}).get(dataset, {}).get("splits", {}).get(split)
     expected = info.get("examples") if isinstance(info, dict) else None
-    if isinstance(expected, int) and expected != n:
+    if expected is None:
+        return  # this split is not in the manifest (added by hand)
+    if not isinstance(expected, int) or isinstance(expected, bool):
+        raise EvalInputError(
+            f"{manifest}: datasets.{dataset}.splits.{split}.examples is {expected!r}; expected an integer count"
+        )
+    if expected != n:
         raise EvalInputError(
             f"{path}: {n} records, but {manifest} lists {expected} for {dataset}/{split} "
             "(a truncated or replaced file? rerun the prepare stage)"
