@@ -397,6 +397,28 @@ def plot(done: Sequence[dict[str, Any]], path: Path, budget: Budget) -> None:
     os.replace(tmp, path)
 
 
+def markdown_table(report: dict[str, Any]) -> str:
+    """The finished cells as the docs' table (means with 95 % intervals; wall time and load per cell)."""
+
+    def ci(d: dict[str, float], fmt: str = ".2f") -> str:
+        return f"{d['mean']:{fmt}} [{d['low']:{fmt}}, {d['high']:{fmt}}]"
+
+    lines = [
+        "| cell | facts | mode | r | state bytes | CE written | CE shuffled | CE none | EM written | EM shuffled "
+        "| EM gap (95% CI) | wall (train + eval) | load avg (start → end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted(report["cells"], key=lambda c: (c["facts"], c["rank"], c["write_mode"])):
+        e, w, la = c["eval"], c["wall_seconds"], c["loadavg"]
+        lines.append(
+            f"| {c['cell']} | {c['facts']} | {c['write_mode']} | {c['rank']} | {c['state_bytes']:,} "
+            f"| {ci(e['written']['answer_ce'])} | {ci(e['shuffled']['answer_ce'])} | {ci(e['none']['answer_ce'])} "
+            f"| {e['written']['em']['mean']:.2f} | {e['shuffled']['em']['mean']:.2f} | {ci(e['em_gap'], '+.2f')} "
+            f"| {w['train'] / 60:.0f} + {w['eval'] / 60:.1f} min | {la['start'][0]:.1f} → {la['end'][0]:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 # --- driver ----------------------------------------------------------------------------------------------
 def embedded_loader() -> tuple[Any, Any]:
     from deltamem.backbones import load_backbone
@@ -459,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help=f"optimiser steps per cell (default {Budget.steps})")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the collected cells as a markdown table; train nothing")
     args = ap.parse_args(argv)
     try:
         if args.steps is not None and args.steps < 1:
@@ -473,6 +496,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     suffix = "" if args.steps is None else f"_steps{args.steps}"
+    if args.table:
+        collected = args.out / f"capacity{suffix}_cpu.json"
+        if not collected.is_file():
+            print(f"capacity: {collected}: not found (run the study first)", file=sys.stderr)
+            return 2
+        print(markdown_table(json.loads(collected.read_text())))
+        return 0
     run_study(
         cells,
         budget,

@@ -12,6 +12,7 @@ import torch
 from bench import capacity as cap
 from tests.conftest import tiny_model
 
+
 @pytest.fixture(scope="module")
 def smol_tokenizer():
     """The embedded SmolLM2 tokenizer (skip when not installed); the model is a tiny random Llama."""
@@ -56,6 +57,9 @@ def test_one_tiny_cell_end_to_end_then_a_rerun_skips_it(smol_tokenizer, tmp_path
     for key in ("em_gap", "ce_gap"):
         gap = m["eval"][key]
         assert gap["low"] <= gap["mean"] <= gap["high"]
+
+    table = cap.markdown_table(stored).splitlines()
+    assert len(table) == 3 and table[2].startswith("| f2-SSW-r8 | 2 | SSW | 8 | 512 |")
 
     # the token-weighted CE is the trainer's own evaluate_loss on the same held-out episodes
     syn = config_from_options(m["settings"]["synthetic"])
