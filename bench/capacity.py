@@ -324,6 +324,30 @@ def finished(out_root: Path, cell: Cell, budget: Budget, backbone: str) -> dict[
     return metrics if metrics.get("settings") == cell_settings(cell, budget, backbone) else None
 
 
+def take_lock(cell_dir: Path) -> bool:
+    """Claim ``cell_dir`` for this process (``.lock`` holds the pid), so that two study processes — e.g. one
+    per core — never train the same cell; a lock whose process is gone is taken over."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    lock = cell_dir / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except PermissionError:  # alive, another user's
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 # --- collection ------------------------------------------------------------------------------------------
 def collect(
     out_root: Path, cells: Sequence[Cell], budget: Budget, backbone: str, json_out: Path, plot_out: Path
@@ -447,13 +471,19 @@ def run_study(
         if m is None and not explicit and gone.get((cell.mode, cell.rank), 99) < cell.facts:
             print(f"{tag}: skipped (recall gone at {gone[(cell.mode, cell.rank)]} facts)", file=sys.stderr, flush=True)
             continue
+        if m is None and not take_lock(out_root / cell.name):
+            print(f"{tag}: skipped (another process is computing it)", file=sys.stderr, flush=True)
+            continue
         if m is None:
             print(
                 f"{tag}: training {budget.steps} steps × {budget.batch_size} (load {loadavg()})",
                 file=sys.stderr,
                 flush=True,
             )
-            m = run_cell(cell, budget, out_root, load_model, backbone, progress)
+            try:
+                m = run_cell(cell, budget, out_root, load_model, backbone, progress)
+            finally:
+                (out_root / cell.name / ".lock").unlink(missing_ok=True)
             collect(out_root, every, budget, backbone, json_out, plot_out)
             state = "done"
         else:

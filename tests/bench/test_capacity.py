@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -84,6 +85,29 @@ def test_one_tiny_cell_end_to_end_then_a_rerun_skips_it(smol_tokenizer, tmp_path
 
     # other settings (a different step budget) are not taken for the finished cell
     assert cap.finished(paths[0], cell, cap.Budget(steps=3, train_dialogues=8, validation_dialogues=4), "tiny") is None
+
+
+def test_a_cell_locked_by_a_live_process_is_left_to_it(tmp_path):
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cell_dir = tmp_path / "capacity" / "f1-TSW-r8"
+        cell_dir.mkdir(parents=True)
+        (cell_dir / ".lock").write_text(str(other.pid))
+
+        def fail():
+            raise AssertionError("a locked cell was computed")
+
+        paths = (tmp_path / "capacity", tmp_path / "c.json", tmp_path / "c.png")
+        report = cap.run_study([cap.Cell(1, "TSW", 8)], TINY, *paths, load_model=fail, explicit=True)
+        assert "f1-TSW-r8" in report["pending"] and report["cells"] == []
+    finally:
+        other.kill()
+        other.wait()
+    assert cap.take_lock(cell_dir)  # its process is gone: the stale lock is taken over
+    assert (cell_dir / ".lock").read_text() == str(os.getpid())
 
 
 class Oracle(torch.nn.Module):
