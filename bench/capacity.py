@@ -408,6 +408,7 @@ def plot(done: Sequence[dict[str, Any]], path: Path, budget: Budget) -> None:
         )
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(list(FULL_GRID["facts"]), [str(f) for f in FULL_GRID["facts"]])
     ax.set_xlabel("facts per dialogue")
     ax.set_ylabel("exact-match recall: written − shuffled")
     ax.set_title(f"δ-mem capacity, embedded backbone, {budget.steps} steps × {budget.batch_size} (95% CI)")
@@ -511,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help=f"optimiser steps per cell (default {Budget.steps})")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--collect", action="store_true", help="only rewrite the collected JSON and plot; train nothing")
     ap.add_argument("--table", action="store_true", help="print the collected cells as a markdown table; train nothing")
     args = ap.parse_args(argv)
     try:
@@ -526,6 +528,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     suffix = "" if args.steps is None else f"_steps{args.steps}"
+    if args.collect:
+        root = args.out / f"capacity{suffix}"
+        every = list(dict.fromkeys([*grid_cells(FULL_GRID), *cells]))
+        collect(
+            root,
+            every,
+            budget,
+            "embedded",
+            root.with_name(root.name + "_cpu.json"),
+            root.with_name(root.name + "_cpu.png"),
+        )
+        return 0
     if args.table:
         collected = args.out / f"capacity{suffix}_cpu.json"
         if not collected.is_file():

@@ -145,6 +145,14 @@ def test_bad_cell_name_is_one_line_and_exit_2(capsys):
     assert cap.main(["--steps", "0"]) == 2
 
 
+def test_collect_without_finished_cells_lists_the_whole_grid_as_pending(tmp_path):
+    assert cap.main(["--table", "--out", str(tmp_path)]) == 2  # nothing collected yet
+    assert cap.main(["--collect", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "capacity_cpu.json").read_text())
+    assert report["cells"] == [] and len(report["pending"]) == 24
+    assert (tmp_path / "capacity_cpu.png").is_file()
+
+
 def test_grids_and_data_settings():
     assert [c.name for c in cap.grid_cells(cap.QUICK_GRID)] == ["f1-TSW-r8", "f1-SSW-r8", "f2-TSW-r8", "f2-SSW-r8"]
     assert len(cap.grid_cells(cap.FULL_GRID)) == 4 * 3 * 2
