@@ -47,6 +47,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -527,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"capacity: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed study releases its cell lock
     suffix = "" if args.steps is None else f"_steps{args.steps}"
     if args.collect:
         root = args.out / f"capacity{suffix}"
