@@ -66,6 +66,28 @@ def resolve_backbone(name: str, root: Path, field: str, local_names: tuple[str, 
         raise InputError(str(err)) from None
 
 
+def check_backbone_folder(folder: Path, field: str) -> None:
+    """A local model folder's files are readable before any process loads them: ``config.json`` and the
+    tokenizer's JSON files parse, every safetensors header is intact (a truncated file fails here). Raises
+    :class:`InputError` naming the file (so torchrun ranks or Ray actors never each fail on it)."""
+    from safetensors import safe_open
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        f = folder / name
+        if name != "config.json" and not f.exists():
+            continue
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise InputError(f"{field}: {f}: unreadable ({type(err).__name__}: {err})") from None
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as err:  # SafetensorError, OSError
+            raise InputError(f"{field}: {f}: unreadable safetensors file ({err})") from None
+
+
 def prepare_backbone(p: BackboneParams, root: Path) -> Path:
     """Save the backbone + tokenizer as a plain Hugging Face folder (atomically, ordinary permissions)."""
     from deltamem.backbones import load_backbone

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.backbone import BackboneParams, InputError, resolve_backbone
+from pipeline.backbone import BackboneParams, InputError, check_backbone_folder, resolve_backbone
 from pipeline.common import atomic_write_json, pad_token_id, torch_dtype
 from pipeline.params import register_section
 
@@ -167,7 +167,7 @@ def backbone_name(p: TrainParams, root: Path) -> str:
 
 def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
     """The train section of ``params_file`` after the checks that need no model: the variant, the prepared
-    splits (present and readable) and the backbone path. Every problem is an :class:`InputError` (one line, exit 2)."""
+    splits (present and readable), the output folders, the backbone path and its files. Every problem is an :class:`InputError` (one line, exit 2)."""
     from pipeline.params import ParamsError, load_section
 
     try:
@@ -176,7 +176,7 @@ def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
     except (ParamsError, ValueError) as err:
         raise InputError(str(err)) from None
     root = Path(params_file).resolve().parent
-    backbone_name(p, root)  # first: a wrong backbone path is the likelier mistake, and no data is read for it
+    backbone = backbone_name(p, root)  # first: a wrong backbone path is the likelier mistake
     splits = [p.train_split] + ([p.validation_split] if p.limit_validation else [])
     from pipeline.data.errors import DataError
     from pipeline.data.schema import read_split
@@ -191,6 +191,8 @@ def check_inputs(params_file: str | os.PathLike, variant: str) -> TrainParams:
             raise InputError(str(err)) from None
     for out in (root / "models" / variant, root / "results" / "train" / variant):  # before any step, not after
         _check_output_folder(out)
+    if Path(backbone).is_dir():  # its files, last: the cheaper checks above name the likelier mistakes
+        check_backbone_folder(Path(backbone), "train.backbone")
     return p
 
 

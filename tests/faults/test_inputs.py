@@ -270,9 +270,11 @@ def test_a_train_output_folder_that_cannot_be_written_is_refused_before_any_step
     assert code == 2 and str(blocker) in line and "not a folder" in line, line
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("damage", ["config_directory", "truncated_weights", "empty_tokenizer"])
-def test_a_damaged_backbone_folder_stops_training_in_one_line(damage, eval_root, tmp_path, capsys, monkeypatch):
-    """The backbone folder passes the path check but its files are broken: one line naming it, exit 2."""
+def test_a_damaged_backbone_folder_stops_training_in_one_line(damage, nproc, eval_root, tmp_path, capsys, monkeypatch):
+    """The backbone folder exists but its files are broken: one line naming it, exit 2, before any rank or
+    step starts (nproc 2 would launch torchrun ranks that each fail on it)."""
     from pipeline.data.schema import write_split
     from pipeline.data.synthetic import config_from_options, generate_split
 
@@ -289,6 +291,7 @@ def test_a_damaged_backbone_folder_stops_training_in_one_line(damage, eval_root,
     else:
         (backbone / "tokenizer.json").write_text("")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": {"backbone": "models/backbone", "limit_validation": 0}}))
+    params.write_text(yaml.safe_dump({"train": {"backbone": "models/backbone", "limit_validation": 0, "nproc": nproc}}))
+    monkeypatch.setattr(stages.train.subprocess, "call", _no_work)  # no torchrun either
     code, line = run_stage("train", params, capsys, monkeypatch, guard=False)
     assert code == 2 and str(backbone) in line, line
