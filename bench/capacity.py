@@ -25,7 +25,7 @@ state, :func:`pipeline.train.trainer.shuffled_episodes`) and none (the frozen ba
 * exact-match recall e_i = 1[argmax p(· | prefix) = a_t for every answer token t], which is exactly "greedy
   decoding emits the answer and then ends the turn"; mean with interval;
 * the recall gap Δ = ē_written − ē_shuffled and the CE gap c̄_shuffled − c̄_written with paired-bootstrap 95 %
-  intervals over questions (:func:`pipeline.report.stats.paired_comparison`). Recall survives at F while the
+  intervals over questions (:func:`pipeline.stats.paired_comparison`). Recall survives at F while the
   gap's interval excludes zero.
 
 Each finished cell keeps ``bench/results/capacity/<cell>/metrics.json`` (written last, atomically: its presence
@@ -212,7 +212,7 @@ def per_question(model: Any, episodes: Sequence[Any], pad_id: int, memory: str, 
 
 def summarise(rows: dict[str, dict[str, list]], budget: Budget) -> dict[str, Any]:
     """Means with bootstrap intervals per condition, and the paired written-vs-shuffled gaps."""
-    from pipeline.report.stats import mean_interval, paired_comparison
+    from pipeline.stats import mean_interval, paired_comparison
 
     B, seed = budget.bootstrap, budget.bootstrap_seed
 
@@ -234,7 +234,7 @@ def summarise(rows: dict[str, dict[str, list]], budget: Budget) -> dict[str, Any
 
 # --- one cell ---------------------------------------------------------------------------------------------
 def write_json_atomic(path: Path, data: Any) -> None:
-    from pipeline.train.trainer import write_json_atomic as write
+    from pipeline.common import atomic_write_json as write
 
     write(path, data, sort_keys=False)
 
