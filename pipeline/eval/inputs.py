@@ -204,21 +204,15 @@ def check_adapter(path: Path, meta: Mapping[str, Any], backbone: Path | None) ->
 
 
 def check_backbone_folder(folder: Path) -> None:
-    """A local backbone folder's ``config.json`` parses and every safetensors file's header is intact
-    (a truncated file fails here: its header no longer covers the file), before any worker loads it."""
-    from safetensors import safe_open
+    """A local backbone folder's files are readable before any worker loads it
+    (:func:`pipeline.backbone.check_backbone_folder`, the train stage's check too)."""
+    from pipeline.backbone import InputError
+    from pipeline.backbone import check_backbone_folder as check
 
-    cfg = folder / "config.json"
     try:
-        json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise EvalInputError(f"backbone: {describe_error(err, cfg)}") from None
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                st.keys()
-        except Exception as err:  # SafetensorError, OSError
-            raise EvalInputError(f"backbone: {f}: unreadable safetensors file ({describe_error(err)})") from None
+        check(folder, "backbone")
+    except InputError as err:
+        raise EvalInputError(str(err)) from None
 
 
 _SHAPE_FACTS = ("hidden_size", "num_hidden_layers", "q_out", "kv_out", "o_in")
