@@ -63,8 +63,11 @@ class MemoryBackend:
         self.history_writes = 0  # conversations' histories written (all shards)
 
     # -- setup -------------------------------------------------------------------------------------
-    def use_adapter(self, adapter: str | None, digest: str | None = None) -> None:
-        """Switch to ``adapter`` (None = the bare backbone); ``digest`` tells a changed folder apart."""
+    def use_adapter(self, adapter: str | None, digest: str | None = None, source: str | Path | None = None) -> None:
+        """Switch to ``adapter`` (None = the bare backbone); ``digest`` tells a changed folder apart.
+
+        ``adapter`` names the adapter (in messages and for the cache); it is loaded from ``source`` when
+        given (a shipped copy materialised by the worker), else from the folder ``adapter``."""
         from deltamem import detach_delta_mem, load_adapter
 
         if (adapter, digest) == self.adapter:
@@ -76,9 +79,12 @@ class MemoryBackend:
             import torch
 
             try:
-                self.model = load_adapter(self.model, adapter)
+                self.model = load_adapter(self.model, adapter if source is None else source)
             except (OSError, ValueError, KeyError, TypeError) as err:  # an input problem: never retried
-                raise EvalInputError(f"adapter {adapter}: {describe_error(err)}") from None
+                why = describe_error(err)
+                if source is not None:  # name the adapter, not the worker's temporary copy
+                    why = why.replace(str(source), str(adapter))
+                raise EvalInputError(f"adapter {adapter}: {why}") from None
             bad = [n for n, t in self.model.delta_mem.named_parameters() if not bool(torch.isfinite(t).all())]
             if bad:
                 detach_delta_mem(self.model)
@@ -101,6 +107,10 @@ class MemoryBackend:
             self._splits = {k: v for k, v in self._splits.items() if k[0] != path}  # drop a stale version
             self._splits[key] = ({e.example_id: e for e in examples}, by_conv)
         return self._splits[key]
+
+    def forget_split(self, path: str) -> None:
+        """Drop the cached split of ``path`` (a shard's private copy, deleted after the shard)."""
+        self._splits = {k: v for k, v in self._splits.items() if k[0] != path}
 
     # -- tokens ------------------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:

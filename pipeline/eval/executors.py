@@ -21,8 +21,17 @@ failed every attempt (:class:`Executor`).
     stage stops with a clear error. An actor that dies is replaced. Every retry and replacement is
     logged with the shard, the worker and the reason.
 
-On a remote cluster every node needs the project installed and the backbone, adapter and data paths
-(the driver sends absolute paths); results travel back through the object store.
+No shared filesystem is needed (:class:`Shipper`): each shard's data (its questions' and donors' lines of
+the prepared split, their contexts, the dataset folder's other files) and the adapter's files
+(safetensors + JSON) travel as bytes through Ray's object store — ``ray.put`` once per distinct blob, the
+refs passed in the actor calls — and no absolute driver path is in what is sent. The backbone: a hub id
+(or ``embedded``) is resolved on each node; a local folder is passed as a path only when
+``evaluate.ray.shared_storage`` is true or the stage started its own local Ray (one machine); otherwise
+its files are put once (each node fetches the object once) and every actor writes them into a temporary
+folder that it removes once the model is loaded. Results come back as the calls' return values, with the
+node id of the actor that computed them (written into the shard's meta file). ``evaluate.ray.resources``
+(custom resources per actor, e.g. ``{node2: 1}``) pins the actors to nodes that offer them. Every node
+needs the project installed (``ray job submit --working-dir`` ships it).
 """
 
 from __future__ import annotations
@@ -33,16 +42,69 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.eval.errors import EvalInputError, describe_error
+from pipeline.eval.inputs import SplitLines, folder_files
 from pipeline.eval.params import EvalParams
 from pipeline.eval.plan import ShardSpec
 from pipeline.eval.worker import EvalWorker
 from pipeline.ray_local import LocalRay, start_local_ray
 
 OnResult = Callable[[ShardSpec, dict[str, Any]], None]
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+@dataclass
+class Shipper:
+    """A shard → what its worker call carries: ``(spec dict, data, adapter, extras)``
+    (:meth:`EvalWorker.run_payload <pipeline.eval.worker.EvalWorker.run_payload>`).
+
+    The spec's ``data_path`` becomes ``<dataset>/<split>.jsonl`` (relative to the shipped data) and its
+    ``adapter`` the folder's last two names (``TSW/adapter``); data, adapter and extras are ``put(files)`` — ``ray.put``
+    for Ray (object refs, each blob put once: adapters by digest, a split's extra files once, a shard's
+    data once for all its attempts, dropped by :meth:`release`), the files themselves in-process.
+    """
+
+    put: Callable[[Any], Any] = _same
+    _splits: dict[str, SplitLines] = field(default_factory=dict)
+    _adapters: dict[str | None, Any] = field(default_factory=dict)
+    _extras: dict[str, Any] = field(default_factory=dict)
+    _data: dict[str, Any] = field(default_factory=dict)
+
+    def payload(self, spec: ShardSpec) -> tuple[dict[str, Any], Any, Any, Any]:
+        path = Path(spec.data_path)
+        prefix = path.parent.name
+        try:
+            lines = self._splits.get(spec.data_path)
+            if lines is None:
+                lines = self._splits[spec.data_path] = SplitLines(path)
+            if spec.key not in self._data:
+                self._data[spec.key] = self.put(lines.shard_files(spec.example_ids, spec.donors, prefix))
+            if spec.data_path not in self._extras:
+                extra = lines.extra_files(prefix)
+                self._extras[spec.data_path] = self.put(extra) if extra else None
+            adapter = None
+            if spec.adapter is not None:
+                if spec.adapter_digest not in self._adapters:
+                    self._adapters[spec.adapter_digest] = self.put(folder_files(Path(spec.adapter)))
+                adapter = self._adapters[spec.adapter_digest]
+        except (OSError, ValueError, KeyError) as err:  # changed under us since planning: an input problem
+            raise EvalInputError(f"{spec.key}: cannot read its inputs to send them ({describe_error(err)})") from None
+        sent = spec.to_dict()
+        sent["data_path"] = f"{prefix}/{path.name}"
+        if spec.adapter is not None:
+            sent["adapter"] = "/".join(Path(spec.adapter).parts[-2:])  # e.g. TSW/adapter: a name, not a path
+        return sent, self._data[spec.key], adapter, self._extras[spec.data_path]
+
+    def release(self, spec: ShardSpec) -> None:
+        """The shard is finished: its data need not stay in the object store."""
+        self._data.pop(spec.key, None)
 
 
 class Executor(Protocol):
@@ -109,10 +171,12 @@ def run_local(
             )
         except OSError as err:  # missing / unreadable backbone files, offline hub: an input problem
             raise EvalInputError(f"backbone {backbone}: {describe_error(err)}") from None
+    shipper = Shipper()  # in-process: the same payloads as on Ray, without the object store
     for spec in specs:
         for attempt in range(p.max_retries + 1):
             try:
-                result = worker.run_shard(spec, attempt)
+                sent, data, adapter, extras = shipper.payload(spec)
+                result = worker.run_payload(sent, attempt, data, adapter, extras)
             except EvalInputError:
                 raise  # bad input fails the same way on every attempt: stop now (finished shards are kept)
             except Exception as err:
@@ -129,6 +193,7 @@ def run_local(
             break
         else:
             failures[spec.key] = error
+        shipper.release(spec)
     return failures
 
 
@@ -166,33 +231,37 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
-def actor_capacity(nodes: Sequence[Mapping[str, Any]], num_cpus: float, num_gpus: float) -> int:
-    """How many actors reserving ``num_cpus`` CPUs and ``num_gpus`` GPUs fit on ``nodes`` (``ray.nodes()``
-    entries: ``Alive``, ``Resources``); each actor sits on one node."""
+def actor_capacity(
+    nodes: Sequence[Mapping[str, Any]],
+    num_cpus: float,
+    num_gpus: float,
+    resources: Mapping[str, float] | None = None,
+) -> int:
+    """How many actors reserving ``num_cpus`` CPUs, ``num_gpus`` GPUs and the custom ``resources`` fit on
+    ``nodes`` (``ray.nodes()`` entries: ``Alive``, ``Resources``); each actor sits on one node."""
+    asks = {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}
     total = 0
     for node in nodes:
         if not node.get("Alive", True):
             continue
         res = node.get("Resources", {})
-        fit = math.floor(res.get("CPU", 0.0) / num_cpus + 1e-9) if num_cpus > 0 else math.inf
-        if num_gpus > 0:
-            fit = min(fit, math.floor(res.get("GPU", 0.0) / num_gpus + 1e-9))
+        fit = min((math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in asks.items() if v > 0), default=math.inf)
         total += 0 if fit == math.inf else int(fit)
     return total
 
 
 def fit_workers(p: EvalParams, wanted: int, nodes: Sequence[Mapping[str, Any]]) -> int:
     """``wanted`` actors, or as many as the cluster holds (with a warning); EvalInputError if none fits."""
-    cpus, gpus = p.ray.actor_num_cpus, p.ray.actor_num_gpus
-    have_cpu = sum(n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("Alive", True))
-    have_gpu = sum(n.get("Resources", {}).get("GPU", 0.0) for n in nodes if n.get("Alive", True))
-    capacity = actor_capacity(nodes, cpus, gpus)
-    ask = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
-    has = f"{have_cpu:g} CPU, {have_gpu:g} GPU on {len(nodes)} node(s)"
+    cpus, gpus, custom = p.ray.actor_num_cpus, p.ray.actor_num_gpus, p.ray.resources
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    have = {k: sum(r.get(k, 0.0) for r in alive) for k in ("CPU", "GPU", *custom)}
+    capacity = actor_capacity(nodes, cpus, gpus, custom)
+    ask = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") + "".join(f" + {v:g} {k}" for k, v in custom.items())
+    has = ", ".join(f"{v:g} {k}" for k, v in have.items()) + f" on {len(nodes)} node(s)"
     if capacity == 0:
         raise EvalInputError(
             f"evaluate.ray: no worker actor fits the Ray cluster (each asks {ask}; the cluster has {has}); "
-            "lower evaluate.ray.actor_num_cpus / actor_num_gpus, or set evaluate.workers: 0 (in-process)"
+            "lower evaluate.ray.actor_num_cpus / actor_num_gpus / resources, or set evaluate.workers: 0 (in-process)"
         )
     if capacity < wanted:
         _log(
@@ -222,6 +291,7 @@ def _pool_key(p: EvalParams, backbone: str, threads: int | None) -> tuple:
         threads,
         p.ray.actor_num_cpus,
         p.ray.actor_num_gpus,
+        tuple(sorted(p.ray.resources.items())),
     )
 
 
@@ -255,18 +325,36 @@ def run_ray(
         return failures
     started = init_ray(p)
     try:
-        actor_cls = ray.remote(EvalWorker).options(
-            num_cpus=p.ray.actor_num_cpus, num_gpus=p.ray.actor_num_gpus, max_concurrency=1
+        actor_cls = ray.remote(RayEvalWorker).options(
+            num_cpus=p.ray.actor_num_cpus,
+            num_gpus=p.ray.actor_num_gpus,
+            resources=dict(p.ray.resources) or None,
+            max_concurrency=1,
         )
         threads = worker_threads(p, in_process=False)
-
-        def new_actor() -> Any:
-            return actor_cls.remote(backbone, p.dtype, p.device, threads, p.attn_implementation)
-
-        key = _pool_key(p, backbone, threads)
+        ship = ships_backbone(p, backbone, own_cluster=_LOCAL["ray"] is not None)
+        key = _pool_key(p, backbone + (" (shipped)" if ship else ""), threads)
         if _POOL["key"] != key:
             shutdown_pool()
             _POOL["key"] = key
+        shipped: dict[str, Any] = {}
+
+        def backbone_arg() -> Any:
+            """The path or hub id, or the ref of the folder's files (put once, when an actor first needs it)."""
+            if not ship:
+                return backbone
+            if "ref" not in shipped:
+                try:
+                    shipped["ref"] = ray.put(folder_files(Path(backbone)))  # each node fetches it once
+                except OSError as err:
+                    raise EvalInputError(f"backbone {backbone}: {describe_error(err)}") from None
+                _log(f"sending the backbone folder to the workers through the object store ({_folder_mb(backbone)})")
+            return shipped["ref"]
+
+        def new_actor() -> Any:
+            return actor_cls.remote(backbone_arg(), p.dtype, p.device, threads, p.attn_implementation)
+
+        shipper = Shipper(put=ray.put)
         actors: list[Any] = _POOL["actors"]
         wanted = fit_workers(p, min(p.workers, len(specs)), ray.nodes())
         # pooled actors beyond the fitted number would hold resources for nothing
@@ -288,7 +376,8 @@ def run_ray(
             while queue and idle:
                 spec, attempt = queue.popleft()
                 slot = idle.pop()
-                ref = actors[slot].run_shard.remote(spec.to_dict(), attempt)
+                sent, data, adapter, extras = shipper.payload(spec)
+                ref = actors[slot].run_payload.remote(sent, attempt, data, adapter, extras)
                 running[ref] = (spec, attempt, slot)
             waiting = list(running) + list(starting)
             if not running:  # nothing computing: bound the wait for an actor to start
@@ -340,6 +429,7 @@ def run_ray(
                 idle.append(slot)
             else:
                 idle.append(slot)
+                shipper.release(spec)
                 on_result(spec, result)
                 continue
             if attempt < p.max_retries:
@@ -353,6 +443,7 @@ def run_ray(
                     f"giving up on {spec.key} after {p.max_retries + 1} attempts (worker {slot}): {_first_line(error)}"
                 )
                 failures[spec.key] = error
+                shipper.release(spec)
         # actors still starting at the end never got work: do not keep them pending in the pool
         for slot in starting.values():
             ray.kill(actors[slot], no_restart=True)
@@ -368,6 +459,29 @@ def run_ray(
             shutdown_pool()
             _shutdown_ray()
     return failures
+
+
+class RayEvalWorker(EvalWorker):
+    """The actor class: an :class:`EvalWorker` whose results name the Ray node that computed them."""
+
+    def run_payload(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        import ray
+
+        result = super().run_payload(*args, **kwargs)
+        result["node_id"] = ray.get_runtime_context().get_node_id()
+        return result
+
+
+def ships_backbone(p: EvalParams, backbone: str, own_cluster: bool) -> bool:
+    """Whether the backbone folder's files are sent to the actors: a local folder, on a cluster the stage
+    did not start itself on this machine, unless ``evaluate.ray.shared_storage`` says the path is valid
+    on every node (a hub id is resolved on each node)."""
+    return Path(backbone).is_dir() and not p.ray.shared_storage and not own_cluster
+
+
+def _folder_mb(folder: str) -> str:
+    size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    return f"{size / 2**20:.0f} MiB"
 
 
 def _first_line(error: Any) -> str:

@@ -232,3 +232,64 @@ def check_writable(folder: Path, what: str) -> None:
             Path(tmp).unlink(missing_ok=True)
     except OSError as err:
         raise EvalInputError(f"{what} {folder}: not writable ({err.strerror or err})") from None
+
+
+# --- what the driver ships to a worker (no shared filesystem): folders and shard data as bytes --------
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (links followed) as ``{relative POSIX name: bytes}``."""
+    return {q.relative_to(folder).as_posix(): q.read_bytes() for q in sorted(folder.rglob("*")) if q.is_file()}
+
+
+class SplitLines:
+    """A prepared split's raw lines, indexed for cutting out one shard's data.
+
+    ``examples``: example id → (line, conversation key, context ref); ``contexts``: context id → line.
+    The lines are copied byte for byte, so :func:`pipeline.data.schema.read_split` of the cut-out files
+    gives exactly the examples of the full split.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from pipeline.data.schema import contexts_path
+
+        self.path = path
+        self.examples: dict[str, tuple[str, str, str | None]] = {}
+        self.first_of: dict[str, str] = {}  # conversation key → its first example id (file order)
+        for line in _lines(path):
+            row = json.loads(line)
+            eid = row["example_id"]
+            cid = (row.get("metadata") or {}).get("conversation_id")
+            conv = eid if cid is None else str(cid)
+            ref = row.get("context_ref")
+            self.examples[eid] = (line, conv, None if ref is None else str(ref))
+            self.first_of.setdefault(conv, eid)
+        ctx = contexts_path(path)
+        self.contexts_name = ctx.name
+        self.contexts = {json.loads(line)["context_id"]: line for line in _lines(ctx)} if ctx.is_file() else {}
+        # the dataset folder's other files (e.g. a scorer's id map): :meth:`extra_files`
+        self.extras = {
+            f.name: f
+            for f in sorted(path.parent.iterdir())
+            if f.is_file() and not f.name.endswith(".jsonl") and not f.name.startswith(".")
+        }
+
+    def shard_files(self, example_ids: list[str], donors: Mapping[str, str], prefix: str) -> dict[str, bytes]:
+        """The split cut down to ``example_ids`` and the first example of each donor conversation (what
+        the worker reads of a donor: its history), with the contexts they refer to; names under
+        ``prefix`` (``<dataset>``), in the original file order."""
+        wanted = set(example_ids) | {self.first_of[d] for d in donors.values() if d in self.first_of}
+        lines = [rec for eid, rec in self.examples.items() if eid in wanted]
+        refs = {ref for _, _, ref in lines if ref is not None}
+        files = {f"{prefix}/{self.path.name}": "".join(line + "\n" for line, _, _ in lines).encode()}
+        if self.contexts:
+            ctx = "".join(line + "\n" for cid, line in self.contexts.items() if cid in refs)
+            files[f"{prefix}/{self.contexts_name}"] = ctx.encode()
+        return files
+
+    def extra_files(self, prefix: str) -> dict[str, bytes]:
+        """The dataset folder's other files (shipped once, shared by the split's shards)."""
+        return {f"{prefix}/{name}": f.read_bytes() for name, f in self.extras.items()}
+
+
+def _lines(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]

@@ -78,6 +78,11 @@ class RayParams(BaseModel):
             with a warning, to the actors the cluster's nodes can hold; none fitting is an error).
         actor_start_timeout_s: how long the stage waits, with no shard running, for a worker actor to
             start (backbone loaded) before it stops with an error.
+        resources: custom Ray resources reserved per worker actor (e.g. ``{node2: 1}`` pins the actors to
+            the nodes started with ``--resources '{"node2": N}'``).
+        shared_storage: the backbone folder's path is valid on every node of the cluster (shared storage);
+            when false (the default) a local backbone folder is sent to the actors through the object
+            store (on a cluster the stage did not start itself). Data and adapters are always sent.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -88,6 +93,18 @@ class RayParams(BaseModel):
     actor_num_cpus: float = Field(default=1.0, gt=0)
     actor_num_gpus: float = Field(default=0.0, ge=0)
     actor_start_timeout_s: float = Field(default=900.0, gt=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    shared_storage: bool = False
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, n in v.items() if n < 0 or k in ("CPU", "GPU", "memory")]
+        if bad:
+            raise ValueError(
+                f"resources {bad}: custom resources need a non-negative amount; CPU/GPU are actor_num_cpus/actor_num_gpus"
+            )
+        return v
 
 
 class EvalParams(BaseModel):

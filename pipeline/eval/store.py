@@ -52,6 +52,8 @@ def write_shard(out: Path, spec: ShardSpec, result: Mapping[str, Any]) -> None:
 
     meta = {"key": spec.key, "config_hash": spec.config_hash, "rows": len(result["rows"]), "cost": result["cost"]}
     meta["scoring"] = scoring_id(spec.scoring)  # what the rows were scored by
+    if result.get("node_id"):
+        meta["node_id"] = result["node_id"]  # the Ray node that computed the shard
     write_json(meta_path, meta)
 
 

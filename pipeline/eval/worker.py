@@ -13,29 +13,98 @@ or in a Ray actor. In order:
    online;
 4. every answer is scored by the task (:meth:`Task.score_row <pipeline.eval.tasks.base.Task.score_row>`),
    and the shard's cost figures (tokens, writes, peak memory, state and KV bytes) are measured.
+
+What a worker reads needs no shared filesystem (:meth:`EvalWorker.run_payload`): the executor ships the
+shard's data (the split's lines of its questions and donors, their contexts, the dataset folder's other
+files) and the adapter's files as :data:`Files` (file name → bytes: safetensors and JSON, never a pickle)
+and the worker writes them into a private temporary folder for the shard's duration; the backbone is a
+hub id or a folder path, or its files (:meth:`EvalWorker.__init__`), written into a temporary folder
+that is removed as soon as the model is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.eval.backend import MemoryBackend
 from pipeline.eval.conditions import Condition, get_condition
+from pipeline.eval.errors import EvalInputError
 from pipeline.eval.meters import PeakMemory
 from pipeline.eval.plan import PredictionSettings, ShardSpec, group_conversations
 from pipeline.eval.requests import Request, ShardRequests, common_prefix, decoding_batches
 
 Result = tuple[str, int]  # (generated text, new tokens)
+Files = dict[str, bytes]  # a shipped folder: relative POSIX file name → content
+
+
+def materialize(files: Mapping[str, bytes], folder: Path) -> Path:
+    """Write shipped ``files`` under ``folder`` (created); a name that would leave it is an input error."""
+    for name, data in files.items():
+        rel = PurePosixPath(name)
+        if not name or rel.is_absolute() or ".." in rel.parts or "\\" in name:
+            raise EvalInputError(f"shipped file {name!r}: expected a relative name inside its folder")
+        dest = folder.joinpath(*rel.parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 class EvalWorker(MemoryBackend):
-    """Loads the backbone once and computes shards (:meth:`run_shard`) for any variant and condition.
+    """Loads the backbone once and computes shards (:meth:`run_payload`, :meth:`run_shard`) for any
+    variant and condition.
 
     Used in-process (``workers: 0``) and as the Ray actor class (:mod:`pipeline.eval.executors`).
+    ``backbone``: a hub id / ``embedded``, a folder path, or the folder's :data:`Files` (materialised in
+    a temporary folder that is removed once the model and tokenizer are loaded).
     """
+
+    def __init__(
+        self,
+        backbone: str | Mapping[str, bytes],
+        dtype: str = "float32",
+        device: str = "auto",
+        threads: int | None = None,
+        attn_implementation: str = "auto",
+    ):
+        if isinstance(backbone, Mapping):
+            with tempfile.TemporaryDirectory(prefix="deltamem-backbone-") as tmp:
+                super().__init__(str(materialize(backbone, Path(tmp))), dtype, device, threads, attn_implementation)
+        else:
+            super().__init__(backbone, dtype, device, threads, attn_implementation)
+
+    def run_payload(
+        self,
+        spec: Mapping[str, Any],
+        attempt: int,
+        data: Mapping[str, bytes],
+        adapter: Mapping[str, bytes] | None = None,
+        extras: Mapping[str, bytes] | None = None,
+    ) -> dict[str, Any]:
+        """Compute a shipped shard: ``spec`` (:meth:`ShardSpec.to_dict`) with ``data_path`` relative to
+        ``data`` (the shard's data files; ``extras``: more files of its dataset folder, shared by the
+        split's shards) and ``adapter`` naming the adapter whose files are ``adapter``.
+
+        The files live in a private temporary folder while the shard runs (the scorer may read the
+        dataset folder's files); the adapter is materialised only when it is not the loaded one."""
+        shard = ShardSpec.from_dict(spec)
+        with tempfile.TemporaryDirectory(prefix="deltamem-shard-") as tmp:
+            root = Path(tmp)
+            materialize(data, root / "data")
+            if extras:
+                materialize(extras, root / "data")
+            if adapter is not None and (shard.adapter, shard.adapter_digest) != self.adapter:
+                self.use_adapter(shard.adapter, shard.adapter_digest, source=materialize(adapter, root / "adapter"))
+            local = dataclasses.replace(shard, data_path=str(root / "data" / shard.data_path))
+            try:
+                return self.run_shard(local, attempt)
+            finally:
+                self.forget_split(local.data_path)
 
     def run_shard(self, spec: ShardSpec | Mapping[str, Any], attempt: int = 0) -> dict[str, Any]:
         """Compute one shard: ``{"key", "config_hash", "rows": [...], "cost": {...}}``."""

@@ -133,13 +133,13 @@ def test_the_worker_refuses_a_bad_adapter_once_without_retries(
     monkeypatch.setattr(planning, "check_adapter", lambda *a, **k: None)  # as for a hub backbone
     spec = runner.plan(p, eval_root)[0].shards[0]
     calls = []
-    real = worker.run_shard
+    real = worker.run_payload
 
-    def counting(s, attempt=0):
+    def counting(s, attempt, *blobs):
         calls.append(attempt)
-        return real(s, attempt)
+        return real(s, attempt, *blobs)
 
-    monkeypatch.setattr(worker, "run_shard", counting)
+    monkeypatch.setattr(worker, "run_payload", counting)
     try:
         with pytest.raises(runner.EvalInputError, match=r"wide.*hidden_size"):
             runner.run_local([spec], p, "unused", lambda *a: None, worker)

@@ -129,3 +129,126 @@ def test_no_actor_starting_is_an_error_after_the_start_timeout(ray_session, eval
     finally:
         for b in blockers:
             ray.kill(b)
+
+
+# --- no shared filesystem: what the driver sends ------------------------------------------------------------
+ALL = ["base_no_context", "rag_bm25", "deltamem_only", "deltamem_full_context", "deltamem_shuffled"]
+
+
+def _strings(obj, seen=None):
+    """Every str (and bytes, decoded leniently) inside nested dicts / lists / tuples / dataclasses."""
+    import dataclasses
+
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, bytes):
+        yield obj.decode("utf-8", "replace")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(obj, list | tuple | set):
+        for v in obj:
+            yield from _strings(v)
+    elif dataclasses.is_dataclass(obj):
+        yield from _strings(dataclasses.asdict(obj))
+    elif obj is not None and not isinstance(obj, int | float | bool):
+        yield repr(obj)  # an object ref: its repr holds no path
+
+
+def _driver_paths(root):
+    return [str(root), str(root.resolve()), str(root / "models" / "backbone"), str(root / "models" / "TSW")]
+
+
+def test_payloads_carry_no_driver_path_and_rebuild_the_shards_data(eval_root, tmp_path):
+    from pipeline.data.schema import read_split
+    from pipeline.eval.executors import Shipper
+    from pipeline.eval.plan import plan
+    from pipeline.eval.worker import materialize
+
+    p = make_params(tmp_path, variants=["TSW", "SSW"], conditions=ALL)
+    specs = [s for u in plan(p, eval_root) for s in u.shards]
+    assert any(s.donors for s in specs) and any(s.adapter for s in specs)
+    puts = []
+    shipper = Shipper(put=lambda x: puts.append(x) or x)
+    full = {e.example_id: e for e in read_split(eval_root / "data" / "prepared" / "synthetic" / "test.jsonl")}
+    for spec in specs:
+        sent = shipper.payload(spec)
+        assert sent == shipper.payload(spec)  # a retry sends the same blobs
+        for text in _strings(sent):
+            assert not any(d in text for d in _driver_paths(eval_root)), (spec.key, text[:200])
+        spec_dict, data, adapter, extras = sent
+        assert not spec_dict["data_path"].startswith("/") and spec_dict["data_path"].endswith("test.jsonl")
+        assert (adapter is None) == (spec.adapter is None) and extras is None
+        got = {e.example_id: e for e in read_split(materialize(data, tmp_path / spec.key) / spec_dict["data_path"])}
+        assert set(spec.example_ids) <= set(got)
+        assert all(got[i] == full[i] for i in got)  # the same examples, contexts joined back in
+        donors = set(spec.donors.values())
+        assert {e.conversation_id for e in got.values()} == {full[i].conversation_id for i in spec.example_ids} | donors
+    # each blob put once: one per shard's data, one per adapter (TSW, SSW)
+    assert len(puts) == len(specs) + 2
+    assert sum(1 for b in puts if "adapter.safetensors" in b) == 2
+
+
+def test_materialize_refuses_names_that_leave_the_folder(tmp_path):
+    from pipeline.eval.worker import materialize
+
+    for bad in ("../x", "/etc/x", "a/../../x", ""):
+        with pytest.raises(EvalInputError, match="shipped file"):
+            materialize({bad: b"x"}, tmp_path / "t")
+    assert materialize({"a/b.json": b"{}"}, tmp_path / "ok") == tmp_path / "ok"
+    assert (tmp_path / "ok" / "a" / "b.json").read_bytes() == b"{}"
+
+
+def test_ray_actors_get_the_backbone_through_the_object_store_and_match_in_process(
+    ray_session, eval_root, tmp_path, monkeypatch, capsys
+):
+    """On a session the stage did not start (as on a cluster) the backbone folder's files are sent; every
+    actor call carries refs and relative names only; predictions are the in-process ones byte for byte,
+    and each shard's meta names the node that computed it."""
+    import json
+
+    import pipeline.eval.executors as ex
+
+    shutdown_pool()
+    sent_puts, calls = [], []
+    real_put, real_payload = ray.put, ex.Shipper.payload
+    monkeypatch.setattr(ray, "put", lambda v, **kw: sent_puts.append(v) or real_put(v, **kw))
+    monkeypatch.setattr(ex.Shipper, "payload", lambda self, s: calls.append(real_payload(self, s)) or calls[-1])
+    kw = {"variants": ["TSW"], "conditions": ["base_no_context", "deltamem_only", "deltamem_shuffled"]}
+    on_ray = run_evaluate(make_params(tmp_path / "ray", workers=2, **kw), eval_root, log_mlflow=False, progress=False)
+    assert "sending the backbone folder to the workers through the object store" in capsys.readouterr().err
+    assert sum(1 for v in sent_puts if isinstance(v, dict) and "config.json" in v) == 1  # the backbone, once
+    assert len(calls) == len(on_ray.computed) == 6
+    for text in _strings(calls):
+        assert not any(d in text for d in _driver_paths(eval_root)), text[:200]
+    assert all(isinstance(c[1], ray.ObjectRef) for c in calls)
+    local = run_evaluate(make_params(tmp_path / "local", workers=0, **kw), eval_root, log_mlflow=False, progress=False)
+    assert scores(local.metrics) == scores(on_ray.metrics)
+    for pred in (tmp_path / "local").rglob("predictions.jsonl"):
+        assert pred.read_bytes() == (tmp_path / "ray" / pred.relative_to(tmp_path / "local")).read_bytes()
+    node = ray.get_runtime_context().get_node_id()
+    metas = [json.loads(m.read_text()) for m in (tmp_path / "ray").rglob("shard-*.meta.json")]
+    assert len(metas) == 6 and {m["node_id"] for m in metas} == {node}
+    assert not any("node_id" in json.loads(m.read_text()) for m in (tmp_path / "local").rglob("shard-*.meta.json"))
+    shutdown_pool()
+
+
+def test_shared_storage_sends_the_backbone_path(ray_session, eval_root, tmp_path, capsys):
+    shutdown_pool()
+    p = make_params(tmp_path, variants=["TSW"], conditions=["base_no_context"], workers=1, ray={"shared_storage": True})
+    assert len(run_evaluate(p, eval_root, log_mlflow=False, progress=False).computed) == 2
+    assert "sending the backbone folder" not in capsys.readouterr().err
+    shutdown_pool()
+
+
+def test_custom_resources_pin_the_actors(ray_session, eval_root, tmp_path):
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 4.0, "node2": 3.0}}]
+    assert actor_capacity(nodes, 1.0, 0.0) == 8
+    assert actor_capacity(nodes, 1.0, 0.0, {"node2": 1.0}) == 3
+    assert actor_capacity(nodes, 1.0, 0.0, {"node2": 2.0}) == 1
+    p = make_params(
+        tmp_path, variants=["TSW"], conditions=["base_no_context"], workers=2, ray={"resources": {"node2": 1}}
+    )
+    with pytest.raises(EvalInputError, match=r"each asks 1 CPU \+ 1 node2; the cluster has .*0 node2"):
+        run_evaluate(p, eval_root, log_mlflow=False, progress=False)

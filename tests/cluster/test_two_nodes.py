@@ -1,0 +1,248 @@
+"""Two Ray nodes on one machine, no shared filesystem: `dvc repro` submitted as a Ray job (issue 13 item 4).
+
+A head (2 CPUs, custom resource ``head``) and a second raylet (2 CPUs, custom resource ``node2``, its own
+temp dir) on 127.0.0.1, started with ``ray start`` in sessions of their own (stopped by killing those
+sessions' processes: ``ray stop`` would stop every Ray on the machine). A shrunken copy of the embedded
+default (tests/pipeline/test_workflow.py's shrinking) runs as ``deltamem submit --working-dir <clone> --
+dvc repro`` with ``train.launcher: ray`` (2 Ray Train workers, pinned to the head) and evaluation actors
+pinned to the second node (``evaluate.ray.resources: {node2: 1}``, ``shared_storage: false``). Then the
+same pipeline runs in one process (``launcher: local`` with the same global batch, ``evaluate.workers: 0``)
+on a copy of the job's working dir, and the test checks: the adapters agree to 1e-6 (relative), every
+``predictions.jsonl`` is byte-identical, every shard's meta names the second node, the second node got its
+own copy of the project (under its own temp dir) without ``models/`` or ``data/``, and the backbone went
+through the object store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e import probe
+from tests.pipeline.test_workflow import _copy_project, _shrink
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(sys.platform != "linux", reason="the process-session teardown reads /proc"),
+]
+CONDITIONS = ["base_no_context", "deltamem_only", "deltamem_shuffled"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+    return pids
+
+
+def _stop_session(sid: int) -> None:
+    """SIGTERM, then SIGKILL, every process of one `ray start` session (ours only)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _session_pids(sid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while _session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _session_pids(sid):
+            return
+
+
+def _ports(*flags: str) -> list[str]:
+    out: list[str] = []
+    for flag in flags:
+        out += [flag, str(_free_port())]
+    return out
+
+
+NODE_PORTS = (
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+    "--node-manager-port",
+    "--object-manager-port",
+)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    ray_bin = Path(sys.executable).with_name("ray")
+    temps = [Path(tempfile.mkdtemp(prefix=f"rn{i}_", dir="/tmp")) for i in (1, 2)]  # short: unix sockets
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP 127.0.0.1 (pipeline/ray_local.py)
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        probe.ENV: str(tmp_path_factory.mktemp("probe") / "imports.log"),
+    }
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    gcs, dash = _free_port(), _free_port()
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0"]
+    common += ["--object-store-memory", str(700 * 2**20), "--disable-usage-stats"]
+    head = [str(ray_bin), "start", "--head", "--port", str(gcs), *common, "--temp-dir", str(temps[0])]
+    head += ["--resources", '{"head": 2}', "--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
+    head += ["--dashboard-port", str(dash), *_ports("--ray-client-server-port", *NODE_PORTS)]
+    second = [str(ray_bin), "start", "--address", f"127.0.0.1:{gcs}", *common, "--temp-dir", str(temps[1])]
+    second += ["--resources", '{"node2": 2}', *_ports(*NODE_PORTS)]
+    logs = [open(t / "ray-start.log", "w") for t in temps]  # noqa: SIM115 (closed in the finally)
+    procs: list[subprocess.Popen] = []
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+        from ray.util.state import list_nodes
+
+        for cmd, log in zip((head, second), logs, strict=True):
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            if len(procs) == 1:  # the second raylet needs the GCS up
+                _wait(lambda: JobSubmissionClient(address).list_jobs() is not None, procs, temps, "job server")
+        _wait(lambda: sum(n.state == "ALIVE" for n in list_nodes(address=address)) == 2, procs, temps, "2 nodes")
+        (node2,) = [n.node_id for n in list_nodes(address=address, detail=True) if "node2" in n.resources_total]
+        yield {"address": address, "env": env, "temps": temps, "node2": node2}
+    finally:
+        for proc in reversed(procs):
+            _stop_session(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        for log in logs:
+            log.close()
+        for t in temps:
+            shutil.rmtree(t, ignore_errors=True)
+
+
+def _wait(ready, procs, temps, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc, t in zip(procs, temps, strict=False):
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited {proc.returncode}:\n{(t / 'ray-start.log').read_text()}")
+        with contextlib.suppress(Exception):
+            if ready():
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout:g}s:\n" + "\n".join((t / "ray-start.log").read_text() for t in temps))
+        time.sleep(1)
+
+
+def _edit(params_file: Path, **sections) -> None:
+    p = yaml.safe_load(params_file.read_text())
+    for name, update in sections.items():
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(p[name].get(key), dict):
+                p[name][key].update(value)
+            else:
+                p[name][key] = value
+    params_file.write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def _adapter_vector(folder: Path):
+    import torch
+    from safetensors.torch import load_file
+
+    t = load_file(str(folder / "adapter.safetensors"))
+    return torch.cat([t[k].double().flatten() for k in sorted(t)])
+
+
+@pytest.mark.timeout(900)
+def test_dvc_repro_on_two_nodes_equals_the_single_process_run(two_nodes, tmp_path):
+    env = two_nodes["env"]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_project(repo)
+    probe.install(repo)
+    _shrink(repo / "params.yaml")
+    batch = yaml.safe_load((repo / "params.yaml").read_text())["train"]["optim"]["batch_size"]
+    assert batch % 2 == 0
+    _edit(
+        repo / "params.yaml",
+        train={
+            "launcher": "ray",
+            "nproc": 2,
+            "optim": {"batch_size": batch // 2},  # per worker: the same global batch as one process
+            "ray": {"resources_per_worker": {"CPU": 1, "head": 1}},
+        },
+        evaluate={
+            "workers": 2,
+            "conditions": CONDITIONS,
+            "ray": {"resources": {"node2": 1}, "actor_num_cpus": 1, "shared_storage": False},
+        },
+    )
+    deltamem = Path(sys.executable).with_name("deltamem")
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [str(deltamem), "submit", "--address", two_nodes["address"], "--working-dir", str(repo), "--timeout", "720",
+         "--submission-id", "two-nodes-repro", "--entrypoint", "dvc repro"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=780,
+    )  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"deltamem submit failed ({res.returncode}) after {time.monotonic() - t0:.0f}s:\n{out}"
+    assert "submit: job two-nodes-repro SUCCEEDED" in res.stdout, out
+    assert "sending the backbone folder to the workers through the object store" in out, out
+
+    head_tmp, node2_tmp = two_nodes["temps"]
+    (job_dir,) = [p.parent for p in head_tmp.glob("session_*/runtime_resources/working_dir_files/*/dvc.lock")]
+    # node 2 has its own copy of the project (its own temp dir), without the models or the data
+    node2_copies = list(node2_tmp.glob("session_*/runtime_resources/working_dir_files/*"))
+    assert node2_copies, "the second node never unpacked the project"
+    for copy in node2_copies:
+        assert not (copy / "models").exists() and not (copy / "data" / "prepared").exists()
+    imports = probe.read(Path(env[probe.ENV]))
+    assert any(str(node2_tmp) in path for path, argv in imports if "default_worker.py" in argv), imports
+    assert not any(str(repo) in path for path, _ in imports), "a process imported the submitter's clone"
+
+    metas = list((job_dir / "results" / "eval").rglob("shard-*.meta.json"))
+    assert metas and {json.loads(m.read_text()).get("node_id") for m in metas} == {two_nodes["node2"]}
+    summary = json.loads((job_dir / "models" / "TSW" / "training_summary.json").read_text())
+    assert summary["world_size"] == 2
+
+    # the single-process run: a copy of the job's folder (prepared data and backbone reused), launcher local
+    ref = tmp_path / "ref"
+    shutil.copytree(job_dir, ref, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", ".deltamem"))
+    shutil.rmtree(ref / "models" / "TSW")
+    shutil.rmtree(ref / "results")
+    _edit(
+        ref / "params.yaml",
+        train={"launcher": "local", "nproc": 1, "optim": {"batch_size": batch}, "ray": {"resources_per_worker": {}}},
+        evaluate={"workers": 0, "ray": {"resources": {}}},
+    )
+    local_env = {k: v for k, v in env.items() if k != probe.ENV}
+    done = subprocess.run(
+        ["dvc", "repro", "evaluate"], cwd=ref, env=local_env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Running stage 'train@TSW'" in done.stdout and "Running stage 'prepare'" not in done.stdout
+    assert json.loads((ref / "models" / "TSW" / "training_summary.json").read_text())["world_size"] == 1
+
+    a, b = _adapter_vector(job_dir / "models" / "TSW" / "adapter"), _adapter_vector(ref / "models" / "TSW" / "adapter")
+    assert float((a - b).norm() / b.norm()) <= 1e-6
+    preds = sorted(p.relative_to(ref) for p in (ref / "results" / "eval").rglob("predictions.jsonl"))
+    assert len(preds) == len(CONDITIONS)
+    for rel in preds:
+        assert (job_dir / rel).read_bytes() == (ref / rel).read_bytes(), rel
+    assert not any("node_id" in json.loads(m.read_text()) for m in (ref / "results" / "eval").rglob("*.meta.json"))
