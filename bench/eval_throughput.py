@@ -1,6 +1,8 @@
 """Evaluation throughput on the embedded default: Ray scaling, state reuse, shared-prefix prefill.
 
     python bench/eval_throughput.py [--ray-questions 32] [--questions 16] [--out bench/results/eval_throughput_cpu.json]
+    python bench/eval_throughput.py --ray-only [--ship-backbone]   # only 1 vs 2 actors (the acceptance figure)
+    python bench/eval_throughput.py --quick                        # a smoke run (~2 min): does it still work?
 
 Three measurements on the synthetic test split with the embedded backbone (SmolLM2-135M-Instruct):
 
@@ -14,6 +16,13 @@ Three measurements on the synthetic test split with the embedded backbone (SmolL
    questions/second, and whether the answers are identical.
 3. **Shared-prefix prefill**: ``deltamem_full_context`` with the conversation's prompt prefix prefilled
    once (``prefix_cache: true``) vs every prompt prefilled whole.
+
+``--ship-backbone`` times 1 vs 2 actors on the no-shared-filesystem path: the backbone folder is sent
+through the object store (as on a cluster the stage did not start) instead of being opened by path; shard
+data and the adapter always travel that way. Each Ray run records the load average before and after it.
+``--quick`` shrinks every measurement (8 Ray questions, 4 in-process) and writes
+``bench/results/eval_throughput_quick.json`` unless ``--out`` is given: figures to check that the script
+works, not to quote.
 
 2 and 3 run in-process with one torch thread (on a shared machine, more threads than free cores makes
 torch's thread pool spin and the timings meaningless).
@@ -145,14 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ray-questions", type=int, default=32, help="questions of the Ray runs (4 per conversation)")
     ap.add_argument("--questions", type=int, default=16, help="questions of the in-process comparisons")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "eval_throughput_cpu.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/eval_throughput_cpu.json (--quick: _quick)")
+    ap.add_argument("--ray-only", action="store_true", help="only the Ray scaling (1 vs 2 actors)")
+    ap.add_argument(
+        "--ship-backbone", action="store_true", help="send the backbone through the object store (no shared path)"
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a check that the script runs")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.ray_questions, args.questions = min(args.ray_questions, 8), min(args.questions, 4)
+    if args.out is None:
+        name = "eval_throughput_quick.json" if args.quick else "eval_throughput_cpu.json"
+        args.out = str(REPO / "bench" / "results" / name)
 
     import ray
     import torch
 
-    from pipeline.eval.executors import init_ray, shutdown_pool
+    from pipeline.eval.executors import _shutdown_ray, init_ray, shutdown_pool
     from pipeline.eval.runner import EvalParams
+    from pipeline.ray_local import start_local_ray
 
     work = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     record: dict[str, Any] = {
@@ -169,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         "adapter": "models/TSW/adapter" if (REPO / "models" / "TSW" / "adapter").is_dir() else "untrained TSW",
         "ray_questions": args.ray_questions,
         "questions": args.questions,
+        "quick": args.quick,
+        "backbone_shipped": args.ship_backbone,
     }
     t_start = time.perf_counter()
     try:
@@ -191,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             "tasks": [{"dataset": "synthetic", "split": "test", "limit": args.ray_questions}],
             "shard_conversations": 1,
         }
-        init_ray(EvalParams(**ray_base, ray={"num_cpus": os.cpu_count() or 2}))
+        local = None
+        if args.ship_backbone:  # a session the stage did not start: the executor ships the backbone's files
+            local = start_local_ray(num_cpus=os.cpu_count() or 2, object_store_mb=1200)
+        else:
+            init_ray(EvalParams(**ray_base, ray={"num_cpus": os.cpu_count() or 2}))
         warm = EvalParams(
             **{**ray_base, "tasks": [{"dataset": "synthetic", "split": "test", "limit": 8}]},
             workers=2,
@@ -202,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             "actor_startup_and_warmup_s": round(startup, 2),
             "cpu_parallel_capacity": cpu_parallel_capacity(),
         }
-        for workers in (1, 2):
+        # 2 first: both warmed actors are reused (1 then 2 would start a fresh actor inside the timed run)
+        for workers in (2, 1):
             p = EvalParams(**ray_base, workers=workers, out_dir=str(work / f"ray{workers}"))
+            load_before = load_average()
             wall, summary = timed_run(p, root)
             figures = unit_figures(summary, "TSW/deltamem_only")
             scaling[f"workers_{workers}"] = {
@@ -211,15 +239,22 @@ def main(argv: list[str] | None = None) -> int:
                 "questions_per_s": round(args.ray_questions / wall, 3),
                 "shard_compute_s": round(figures["wall_s"], 2),
                 "busy_workers": round(figures["wall_s"] / wall, 2),  # mean actors computing at once
+                "load_average_before": load_before,
+                "load_average_after": load_average(),
             }
         scaling["speedup_2_vs_1"] = round(scaling["workers_1"]["wall_s"] / scaling["workers_2"]["wall_s"], 3)
         scaling["identical_predictions"] = predictions(work / "ray1", "TSW/deltamem_only") == predictions(
             work / "ray2", "TSW/deltamem_only"
         )
         shutdown_pool()
-        ray.shutdown()
+        if local is not None:
+            local.shutdown()
+        else:
+            _shutdown_ray()
         record["ray_scaling"] = scaling
         print(json.dumps({"ray_scaling": scaling}, indent=2), flush=True)
+        if args.ray_only:
+            return _write(record, args.out, t_start)
 
         # in-process reference and the two algorithmic speed-ups (one worker, all cores)
         from pipeline.eval.runner import EvalWorker
@@ -267,9 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         record.update(comparisons)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return _write(record, args.out, t_start)
+
+
+def _write(record: dict[str, Any], out_file: str, t_start: float) -> int:
     record["machine"]["load_average_end"] = load_average()
     record["total_s"] = round(time.perf_counter() - t_start, 1)
-    out = Path(args.out)
+    out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} ({record['total_s']} s)")

@@ -1,8 +1,9 @@
 """Two Ray nodes on one machine, no shared filesystem: `dvc repro` submitted as a Ray job (issue 13 item 4).
 
-A head (2 CPUs, custom resource ``head``) and a second raylet (2 CPUs, custom resource ``node2``, its own
-temp dir) on 127.0.0.1, started with ``ray start`` in sessions of their own (stopped by killing those
-sessions' processes: ``ray stop`` would stop every Ray on the machine). A shrunken copy of the embedded
+A head (2 CPUs, custom resource ``head``, the job server) and a second raylet (2 CPUs, custom resource
+``node2``, its own temp dir), both with node IP 127.0.0.1 (``ray.cluster_utils.Cluster``), stopped by the
+cluster's own shutdown and then by killing the leftovers among this test's descendants (``ray stop`` would
+stop every Ray on the machine). A shrunken copy of the embedded
 default (tests/pipeline/test_workflow.py's shrinking) runs as ``deltamem submit --working-dir <clone> --
 dvc repro`` with ``train.launcher: ray`` (2 Ray Train workers, pinned to the head) and evaluation actors
 pinned to the second node (``evaluate.ray.resources: {node2: 1}``, ``shared_storage: false``). Then the
@@ -19,7 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +35,7 @@ from tests.pipeline.test_workflow import _copy_project, _shrink
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(sys.platform != "linux", reason="the process-session teardown reads /proc"),
+    pytest.mark.skipif(sys.platform != "linux", reason="two raylets on one Linux machine"),
 ]
 CONDITIONS = ["base_no_context", "deltamem_only", "deltamem_shuffled"]
 
@@ -46,108 +46,87 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-    return pids
+def _ray_descendants() -> list:
+    import psutil
 
+    from pipeline.ray_local import _is_ray_process
 
-def _stop_session(sid: int) -> None:
-    """SIGTERM, then SIGKILL, every process of one `ray start` session (ours only)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _session_pids(sid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 5
-        while _session_pids(sid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not _session_pids(sid):
-            return
-
-
-def _ports(*flags: str) -> list[str]:
-    out: list[str] = []
-    for flag in flags:
-        out += [flag, str(_free_port())]
-    return out
-
-
-NODE_PORTS = (
-    "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port",
-    "--runtime-env-agent-port",
-    "--metrics-export-port",
-    "--node-manager-port",
-    "--object-manager-port",
-)
+    return [p for p in psutil.Process().children(recursive=True) if _is_ray_process(p)]
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    ray_bin = Path(sys.executable).with_name("ray")
+    """Ray's ``cluster_utils.Cluster``: both raylets are started with node IP 127.0.0.1 as given (``ray start
+    --node-ip-address 127.0.0.1`` turns it into the machine's external address, see pipeline/ray_local.py,
+    unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, with which ``ray start`` refuses a second node)."""
+    import psutil
+    from ray.cluster_utils import Cluster
+    from ray.job_submission import JobSubmissionClient
+
     temps = [Path(tempfile.mkdtemp(prefix=f"rn{i}_", dir="/tmp")) for i in (1, 2)]  # short: unix sockets
+    ray_bin = Path(sys.executable).with_name("ray")
     env = {
-        **os.environ,
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP 127.0.0.1 (pipeline/ray_local.py)
+        # every process that connects (job agent, job driver, the stages' ray.init) takes 127.0.0.1 as its
+        # node IP, as pipeline/ray_local.py does; else it looks for a raylet on the external address and hangs
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "TQDM_DISABLE": "1",
+        # the job's entrypoint runs with the head's PATH: the venv's dvc/python
         "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
         probe.ENV: str(tmp_path_factory.mktemp("probe") / "imports.log"),
     }
-    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI"):
-        env.pop(key, None)
-    gcs, dash = _free_port(), _free_port()
-    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0"]
-    common += ["--object-store-memory", str(700 * 2**20), "--disable-usage-stats"]
-    head = [str(ray_bin), "start", "--head", "--port", str(gcs), *common, "--temp-dir", str(temps[0])]
-    head += ["--resources", '{"head": 2}', "--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
-    head += ["--dashboard-port", str(dash), *_ports("--ray-client-server-port", *NODE_PORTS)]
-    second = [str(ray_bin), "start", "--address", f"127.0.0.1:{gcs}", *common, "--temp-dir", str(temps[1])]
-    second += ["--resources", '{"node2": 2}', *_ports(*NODE_PORTS)]
-    logs = [open(t / "ray-start.log", "w") for t in temps]  # noqa: SIM115 (closed in the finally)
-    procs: list[subprocess.Popen] = []
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        from ray.job_submission import JobSubmissionClient
-        from ray.util.state import list_nodes
+    common = {"node_ip_address": "127.0.0.1", "num_cpus": 2, "num_gpus": 0, "object_store_memory": 700 * 2**20}
+    dash = _free_port()
 
-        for cmd, log in zip((head, second), logs, strict=True):
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-            if len(procs) == 1:  # the second raylet needs the GCS up
-                _wait(lambda: JobSubmissionClient(address).list_jobs() is not None, procs, temps, "job server")
-        _wait(lambda: sum(n.state == "ALIVE" for n in list_nodes(address=address)) == 2, procs, temps, "2 nodes")
-        (node2,) = [n.node_id for n in list_nodes(address=address, detail=True) if "node2" in n.resources_total]
-        yield {"address": address, "env": env, "temps": temps, "node2": node2}
-    finally:
-        for proc in reversed(procs):
-            _stop_session(proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-        for log in logs:
-            log.close()
-        for t in temps:
-            shutil.rmtree(t, ignore_errors=True)
+    def ports() -> dict[str, int]:  # free ports, never Ray's defaults (another Ray on the machine may hold them)
+        names = ("dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port")
+        return {name: _free_port() for name in names}
 
-
-def _wait(ready, procs, temps, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        for proc, t in zip(procs, temps, strict=False):
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}:\n{(t / 'ray-start.log').read_text()}")
-        with contextlib.suppress(Exception):
-            if ready():
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {timeout:g}s:\n" + "\n".join((t / "ray-start.log").read_text() for t in temps))
-        time.sleep(1)
+    with pytest.MonkeyPatch.context() as mp:  # what the cluster's processes inherit
+        for key, value in env.items():
+            mp.setenv(key, value)
+        for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "PYTHONPATH", "MLFLOW_TRACKING_URI"):
+            mp.delenv(key, raising=False)
+        cluster = Cluster(shutdown_at_exit=False)
+        try:
+            cluster.add_node(
+                **common,
+                **ports(),
+                ray_client_server_port=_free_port(),
+                temp_dir=str(temps[0]),
+                resources={"head": 2},
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dash,
+            )
+            node2 = cluster.add_node(**common, **ports(), temp_dir=str(temps[1]), resources={"node2": 2})
+            address = f"http://127.0.0.1:{dash}"
+            deadline = time.monotonic() + 120
+            while True:
+                with contextlib.suppress(Exception):
+                    JobSubmissionClient(address).list_jobs()
+                    break
+                assert time.monotonic() < deadline, f"no job server at {address} after 120 s"
+                time.sleep(1)
+            yield {
+                "address": address,
+                "env": {**os.environ},
+                "temps": temps,
+                "node2": node2.node_id,
+                "gcs": cluster.address,
+            }
+        finally:
+            procs = _ray_descendants()
+            cluster.shutdown()
+            _, alive = psutil.wait_procs(procs, timeout=15)
+            for proc in alive:  # only processes this cluster started (descendants of this test)
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            for t in temps:
+                shutil.rmtree(t, ignore_errors=True)
 
 
 def _edit(params_file: Path, **sections) -> None:
