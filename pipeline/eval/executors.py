@@ -21,90 +21,31 @@ failed every attempt (:class:`Executor`).
     stage stops with a clear error. An actor that dies is replaced. Every retry and replacement is
     logged with the shard, the worker and the reason.
 
-No shared filesystem is needed (:class:`Shipper`): each shard's data (its questions' and donors' lines of
-the prepared split, their contexts, the dataset folder's other files) and the adapter's files
-(safetensors + JSON) travel as bytes through Ray's object store — ``ray.put`` once per distinct blob, the
-refs passed in the actor calls — and no absolute driver path is in what is sent. The backbone: a hub id
-(or ``embedded``) is resolved on each node; a local folder is passed as a path only when
-``evaluate.ray.shared_storage`` is true or the stage started its own local Ray (one machine); otherwise
-its files are put once (each node fetches the object once) and every actor writes them into a temporary
-folder that it removes once the model is loaded. Results come back as the calls' return values, with the
-node id of the actor that computed them (written into the shard's meta file). ``evaluate.ray.resources``
-(custom resources per actor, e.g. ``{node2: 1}``) pins the actors to nodes that offer them. Every node
-needs the project installed (``ray job submit --working-dir`` ships it).
+No shared filesystem is needed: shard data, adapter files and (unless ``evaluate.ray.shared_storage`` or
+the stage started its own local Ray) a local backbone folder travel as bytes through the object store
+(:mod:`pipeline.eval.shipping`), results come back as the calls' return values with the node id of the
+actor that computed them, and ``evaluate.ray.resources`` pins the actors to nodes that offer them.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.eval.errors import EvalInputError, describe_error
-from pipeline.eval.inputs import SplitLines, folder_files
 from pipeline.eval.params import EvalParams
 from pipeline.eval.plan import ShardSpec
+from pipeline.eval.shipping import Shipper, fit_workers, folder_files, folder_size, ships_backbone
 from pipeline.eval.worker import EvalWorker
 from pipeline.ray_local import LocalRay, start_local_ray
 
 OnResult = Callable[[ShardSpec, dict[str, Any]], None]
-
-
-def _same(x: Any) -> Any:
-    return x
-
-
-@dataclass
-class Shipper:
-    """A shard → what its worker call carries: ``(spec dict, data, adapter, extras)``
-    (:meth:`EvalWorker.run_payload <pipeline.eval.worker.EvalWorker.run_payload>`).
-
-    The spec's ``data_path`` becomes ``<dataset>/<split>.jsonl`` (relative to the shipped data) and its
-    ``adapter`` the folder's last two names (``TSW/adapter``); data, adapter and extras are ``put(files)`` — ``ray.put``
-    for Ray (object refs, each blob put once: adapters by digest, a split's extra files once, a shard's
-    data once for all its attempts, dropped by :meth:`release`), the files themselves in-process.
-    """
-
-    put: Callable[[Any], Any] = _same
-    _splits: dict[str, SplitLines] = field(default_factory=dict)
-    _adapters: dict[str | None, Any] = field(default_factory=dict)
-    _extras: dict[str, Any] = field(default_factory=dict)
-    _data: dict[str, Any] = field(default_factory=dict)
-
-    def payload(self, spec: ShardSpec) -> tuple[dict[str, Any], Any, Any, Any]:
-        path = Path(spec.data_path)
-        prefix = path.parent.name
-        try:
-            lines = self._splits.get(spec.data_path)
-            if lines is None:
-                lines = self._splits[spec.data_path] = SplitLines(path)
-            if spec.key not in self._data:
-                self._data[spec.key] = self.put(lines.shard_files(spec.example_ids, spec.donors, prefix))
-            if spec.data_path not in self._extras:
-                extra = lines.extra_files(prefix)
-                self._extras[spec.data_path] = self.put(extra) if extra else None
-            adapter = None
-            if spec.adapter is not None:
-                if spec.adapter_digest not in self._adapters:
-                    self._adapters[spec.adapter_digest] = self.put(folder_files(Path(spec.adapter)))
-                adapter = self._adapters[spec.adapter_digest]
-        except (OSError, ValueError, KeyError) as err:  # changed under us since planning: an input problem
-            raise EvalInputError(f"{spec.key}: cannot read its inputs to send them ({describe_error(err)})") from None
-        sent = spec.to_dict()
-        sent["data_path"] = f"{prefix}/{path.name}"
-        if spec.adapter is not None:
-            sent["adapter"] = "/".join(Path(spec.adapter).parts[-2:])  # e.g. TSW/adapter: a name, not a path
-        return sent, self._data[spec.key], adapter, self._extras[spec.data_path]
-
-    def release(self, spec: ShardSpec) -> None:
-        """The shard is finished: its data need not stay in the object store."""
-        self._data.pop(spec.key, None)
 
 
 class Executor(Protocol):
@@ -231,47 +172,6 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
-def actor_capacity(
-    nodes: Sequence[Mapping[str, Any]],
-    num_cpus: float,
-    num_gpus: float,
-    resources: Mapping[str, float] | None = None,
-) -> int:
-    """How many actors reserving ``num_cpus`` CPUs, ``num_gpus`` GPUs and the custom ``resources`` fit on
-    ``nodes`` (``ray.nodes()`` entries: ``Alive``, ``Resources``); each actor sits on one node."""
-    asks = {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}
-    total = 0
-    for node in nodes:
-        if not node.get("Alive", True):
-            continue
-        res = node.get("Resources", {})
-        fit = min((math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in asks.items() if v > 0), default=math.inf)
-        total += 0 if fit == math.inf else int(fit)
-    return total
-
-
-def fit_workers(p: EvalParams, wanted: int, nodes: Sequence[Mapping[str, Any]]) -> int:
-    """``wanted`` actors, or as many as the cluster holds (with a warning); EvalInputError if none fits."""
-    cpus, gpus, custom = p.ray.actor_num_cpus, p.ray.actor_num_gpus, p.ray.resources
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
-    have = {k: sum(r.get(k, 0.0) for r in alive) for k in ("CPU", "GPU", *custom)}
-    capacity = actor_capacity(nodes, cpus, gpus, custom)
-    ask = f"{cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") + "".join(f" + {v:g} {k}" for k, v in custom.items())
-    has = ", ".join(f"{v:g} {k}" for k, v in have.items()) + f" on {len(nodes)} node(s)"
-    if capacity == 0:
-        raise EvalInputError(
-            f"evaluate.ray: no worker actor fits the Ray cluster (each asks {ask}; the cluster has {has}); "
-            "lower evaluate.ray.actor_num_cpus / actor_num_gpus / resources, or set evaluate.workers: 0 (in-process)"
-        )
-    if capacity < wanted:
-        _log(
-            f"warning: {wanted} worker actors of {ask} do not fit the Ray cluster ({has}); "
-            f"using {capacity} (set evaluate.workers to silence this)"
-        )
-        return capacity
-    return wanted
-
-
 # Actors kept between runs of one driver session (same cluster, same worker settings), so a second
 # run_evaluate in a notebook or a test does not load the backbone again. Emptied when Ray is shut down
 # by run_ray, when the settings change, or by shutdown_pool().
@@ -348,7 +248,7 @@ def run_ray(
                     shipped["ref"] = ray.put(folder_files(Path(backbone)))  # each node fetches it once
                 except OSError as err:
                     raise EvalInputError(f"backbone {backbone}: {describe_error(err)}") from None
-                _log(f"sending the backbone folder to the workers through the object store ({_folder_mb(backbone)})")
+                _log(f"sending the backbone folder to the workers through the object store ({folder_size(backbone)})")
             return shipped["ref"]
 
         def new_actor() -> Any:
@@ -410,6 +310,8 @@ def run_ray(
                     continue
                 ever_ready = True
                 idle.append(slot)
+                if not starting:  # every actor has loaded it: free the object store (a replacement puts it again)
+                    shipped.pop("ref", None)
                 continue
             spec, attempt, slot = running.pop(ref)
             try:
@@ -470,18 +372,6 @@ class RayEvalWorker(EvalWorker):
         result = super().run_payload(*args, **kwargs)
         result["node_id"] = ray.get_runtime_context().get_node_id()
         return result
-
-
-def ships_backbone(p: EvalParams, backbone: str, own_cluster: bool) -> bool:
-    """Whether the backbone folder's files are sent to the actors: a local folder, on a cluster the stage
-    did not start itself on this machine, unless ``evaluate.ray.shared_storage`` says the path is valid
-    on every node (a hub id is resolved on each node)."""
-    return Path(backbone).is_dir() and not p.ray.shared_storage and not own_cluster
-
-
-def _folder_mb(folder: str) -> str:
-    size = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
-    return f"{size / 2**20:.0f} MiB"
 
 
 def _first_line(error: Any) -> str:

@@ -176,7 +176,7 @@ def test_dvc_repro_on_two_nodes_equals_the_single_process_run(two_nodes, tmp_pat
     t0 = time.monotonic()
     res = subprocess.run(
         [str(deltamem), "submit", "--address", two_nodes["address"], "--working-dir", str(repo), "--timeout", "720",
-         "--submission-id", "two-nodes-repro", "--entrypoint", "dvc repro"],
+         "--submission-id", "two-nodes-repro", "--entrypoint", "dvc repro && echo JOB_DIR=$PWD"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=780,
     )  # fmt: skip
     out = res.stdout + res.stderr
@@ -185,7 +185,8 @@ def test_dvc_repro_on_two_nodes_equals_the_single_process_run(two_nodes, tmp_pat
     assert "sending the backbone folder to the workers through the object store" in out, out
 
     head_tmp, node2_tmp = two_nodes["temps"]
-    (job_dir,) = [p.parent for p in head_tmp.glob("session_*/runtime_resources/working_dir_files/*/dvc.lock")]
+    (job_dir,) = [Path(line[len("JOB_DIR=") :]) for line in res.stdout.splitlines() if line.startswith("JOB_DIR=")]
+    assert head_tmp in job_dir.parents, job_dir  # the entrypoint ran on the head
     # node 2 has its own copy of the project (its own temp dir), without the models or the data
     node2_copies = list(node2_tmp.glob("session_*/runtime_resources/working_dir_files/*"))
     assert node2_copies, "the second node never unpacked the project"
@@ -216,7 +217,9 @@ def test_dvc_repro_on_two_nodes_equals_the_single_process_run(two_nodes, tmp_pat
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Running stage 'train@TSW'" in done.stdout and "Running stage 'prepare'" not in done.stdout
-    assert json.loads((ref / "models" / "TSW" / "training_summary.json").read_text())["world_size"] == 1
+    single = json.loads((ref / "models" / "TSW" / "training_summary.json").read_text())
+    assert single.get("world_size", 1) == 1 and single["steps"] == summary["steps"]
+    assert single["episodes_seen"] == summary.get("episodes_seen", single["episodes_seen"])
 
     a, b = _adapter_vector(job_dir / "models" / "TSW" / "adapter"), _adapter_vector(ref / "models" / "TSW" / "adapter")
     assert float((a - b).norm() / b.norm()) <= 1e-6

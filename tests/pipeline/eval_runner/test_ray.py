@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from pipeline.eval.executors import _POOL, actor_capacity, shutdown_pool
+from pipeline.eval.executors import _POOL, shutdown_pool
 from pipeline.eval.runner import EvalError, EvalInputError, run_evaluate
+from pipeline.eval.shipping import actor_capacity
 
 from .conftest import make_params
 
