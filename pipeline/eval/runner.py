@@ -8,7 +8,8 @@
    :class:`~pipeline.eval.plan.PredictionSettings` and a config hash; bad inputs stop here (exit 2).
 3. **store, resume** (:mod:`~pipeline.eval.store`): shards already written with the same hash are reused
    (re-scored when only the scoring protocol changed).
-4. **execute** (:mod:`~pipeline.eval.executors`): the other shards, in this process or on Ray actors;
+4. **execute** (:mod:`~pipeline.eval.executors`): the other shards, in this process or on Ray actors,
+   each sent with its data and adapter as bytes (:mod:`~pipeline.eval.shipping`: no shared filesystem);
    each actor is an :class:`~pipeline.eval.worker.EvalWorker` — a memory-aware model backend
    (:mod:`~pipeline.eval.backend`) that builds the shard's **requests** from its condition
    (:mod:`~pipeline.eval.conditions`, :mod:`~pipeline.eval.requests`), writes histories into δ-mem
