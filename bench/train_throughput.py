@@ -144,7 +144,6 @@ def ray_main(workers: list[int], steps: int, out: Path) -> int:
     import shutil
     import tempfile
 
-    import ray
     import yaml
 
     from pipeline.data.schema import write_split
@@ -161,7 +160,7 @@ def ray_main(workers: list[int], steps: int, out: Path) -> int:
     try:
         opts = config_from_options(synth)
         write_split(generate_split(opts, "train"), work / "data" / "prepared" / "synthetic" / "train.jsonl")
-        _start_local_ray(num_cpus=max([*workers, os.cpu_count() or 1]))
+        local = _start_local_ray(num_cpus=max([*workers, os.cpu_count() or 1]))
         base = load_section(ROOT / "params.yaml", "train", TrainParams)
         global_batch = base.optim.batch_size * base.optim.grad_accum
         for n in workers:
@@ -196,7 +195,7 @@ def ray_main(workers: list[int], steps: int, out: Path) -> int:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-        ray.shutdown()
+        local.shutdown()  # waits for (and if needed kills) every process of that Ray
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base_rate = rows[0]["tokens_per_s"] if rows else None
