@@ -206,10 +206,15 @@ class DeltaMemController:
         if seg is not None and seg.device != x.device:
             seg = seg.to(x.device)
         mask = self._token_mask(B, T)
-        corr, new, beta_mean = layer(x, S, mask, self.write, seg, stats, self._mask_weight(mask, layer.compute_dtype))
+        buf = state.layers[idx]
+        # in-place decoding: the lean step writes straight into the state's own tensor (no copy after)
+        out = buf if self.inplace and self.write and S is buf and not torch.is_grad_enabled() else None
+        corr, new, beta_mean = layer(
+            x, S, mask, self.write, seg, stats, self._mask_weight(mask, layer.compute_dtype), state_out=out
+        )
         if new is not None:
-            if self.inplace:
-                state.layers[idx].copy_(new)
+            if self.inplace and new is not buf:
+                buf.copy_(new)
             else:
                 state.layers[idx] = new
         if beta_mean is not None:

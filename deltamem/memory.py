@@ -270,12 +270,16 @@ class DeltaMemLayer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         stats: bool = False,
         mask_weight: torch.Tensor | None = None,
+        state_out: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         """One attention call's memory step.
 
         x [B, T, d] (the attention input, any dtype); state [B, H, r, r]; mask [B, T] bool (True = real
         token) or None; ``mask_weight`` the same mask as 1.0 / 0.0 in the compute dtype, [B, T, 1, 1]
         (the controller passes one per decoder call, shared by its layers; derived from mask when None).
+        ``state_out`` (inference, in-place decoding): a [B, H, r, r] buffer of the compute dtype (``state``
+        itself may be it) that the one-token lean step writes the new state into and returns; other
+        paths ignore it (the caller copies).
         Returns (corrections, new state or None when read-only, mean β or None): the corrections are one
         tensor per branch in ``config.branches`` order, [B, T, out_features] in x's dtype. ``stats`` asks
         for the masked mean β (the write-sparsity loss needs it); it is skipped otherwise.
@@ -286,14 +290,14 @@ class DeltaMemLayer(nn.Module):
         if x.dtype != cdt:
             x = x.to(cdt)
         if state.dtype != cdt:
-            state = state.to(cdt)
+            state, state_out = state.to(cdt), None
         B, T, _ = x.shape
         H, r, n = self.num_substates, self.rank, cfg.state_dim
         segments = write and cfg.write_mode == "SSW" and self._usable_segments(segment_ids, mask, B, T)
         if T == 1 and not segments:
             if mask is not None and mask_weight is None:
                 mask_weight = mask.view(B, 1, 1, 1).to(cdt)
-            return self._decode(x, state, mask, mask_weight, write, stats, out_dtype)
+            return self._decode(x, state, mask, mask_weight, write, stats, out_dtype, state_out)
         token_writes = write and not segments
         gates = token_writes or stats
         names = ("memory_q_proj", "memory_k_proj", "memory_v_proj") if token_writes else ("memory_q_proj",)
@@ -341,6 +345,7 @@ class DeltaMemLayer(nn.Module):
         write: bool,
         stats: bool,
         out_dtype: torch.dtype,
+        state_out: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         """:meth:`forward` for one token (T = 1, token writes or read-only): the same function in a few
         dozen aten ops. Every operand is a strided view of a fresh tensor (the projection, its
@@ -381,7 +386,7 @@ class DeltaMemLayer(nn.Module):
                 elif mask is not None:  # padded: λ = 1
                     lam = torch.where(mask.view(B, 1, 1, 1), lam, self._one(lam))
                 erase = lam * wb if mode == "lambda_outside" else wb
-                reads, new_state = delta_rule_step_packed(state, qk, v, lam, erase, wb)
+                reads, new_state = delta_rule_step_packed(state, qk, v, lam, erase, wb, out=state_out)
             else:  # the reference step (naive) or the fused launch (CUDA), with the mask as given
                 keep, erase = self._keep_erase(beta, lam)
                 read, new_state = delta_rule_decode(

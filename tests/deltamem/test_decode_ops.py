@@ -128,3 +128,19 @@ def test_decode_step_compiles_fullgraph(write):
     g1 = torch.autograd.grad(sum(c.sum() for c in got[0]), x)[0]
     g2 = torch.autograd.grad(sum(c.sum() for c in ref[0]), x)[0]
     torch.testing.assert_close(g1, g2, atol=1e-12, rtol=0)
+
+
+def test_decode_step_writes_in_place_when_asked():
+    """``state_out=state`` (in-place decoding): the new state lands in the state's own tensor, equal to the
+    functional step, reads included (S is read before it is overwritten)."""
+    layer = lean_layer()
+    x, S = inputs(layer, 13)
+    mask = torch.tensor([[True], [False]])
+    with torch.no_grad():
+        corr, new, _ = layer(x, S, mask, True)
+        buf = S.clone()
+        corr_b, new_b, _ = layer(x, buf, mask, True, state_out=buf)
+    assert new_b is buf and not torch.equal(buf, S)
+    assert torch.equal(new_b, new)
+    for a, b in zip(corr_b, corr, strict=True):
+        assert torch.equal(a, b)

@@ -35,10 +35,13 @@ def delta_rule_step_packed(
     keep: torch.Tensor | None,
     erase: torch.Tensor,
     write: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``state`` [B, H, r, r]; ``qk`` [B, H, 2, r], a fresh tensor (contiguous, storage offset 0: the
     strided views below address it absolutely) holding q_t then k_t of each sub-state; ``v`` and the
-    gates [B, H, r, 1] (one value per state row, as columns); ``keep=None`` means keep = 1.
+    gates [B, H, r, 1] (one value per state row, as columns); ``keep=None`` means keep = 1. ``out``
+    (inference): the buffer the new state is written into, e.g. ``state`` itself (everything read
+    from S is computed before the last op writes it): the state stays at its address, no extra copy.
 
     Returns (read [B, H·r] (sub-states concatenated, as the correction matmul takes it), new state
     [B, H, r, r])."""
@@ -53,5 +56,6 @@ def delta_rule_step_packed(
     sk = prods.as_strided((B, H, r, 1), (2 * n, 2 * r, 1, 1), r)  # row 1, as a column
     coeff = torch.addcmul(write * v, erase, sk, value=-1.0)  # write·v − erase·(S k), one value per row
     k_row = qk.as_strided((B, H, 1, r), (2 * n, 2 * r, r, 1), r)
-    new_state = torch.addcmul(state if keep is None else keep * state, coeff, k_row)
+    kept = state if keep is None else keep * state
+    new_state = torch.addcmul(kept, coeff, k_row) if out is None else torch.addcmul(kept, coeff, k_row, out=out)
     return read, new_state
