@@ -26,7 +26,9 @@ so upstream adapters map one to one.
 Two code paths compute the same function. :meth:`DeltaMemLayer.forward` is the lean one used by the hooks:
 one matmul for exactly the projections the call needs (read-only: q, plus the gates only when statistics
 are asked for; writing: q, k, v, β[, λ] packed), one matmul for all corrections, no host synchronisation
-(masks stay on the device; only SSW segment bookkeeping syncs). :meth:`project`, :meth:`corrections` and
+(masks stay on the device; only SSW segment bookkeeping syncs); one token (decoding) goes through
+:meth:`DeltaMemLayer._decode`, the same arithmetic laid out for few aten ops (strided views of fresh
+tensors, padding folded into q, k and β). :meth:`project`, :meth:`corrections` and
 :func:`deltamem.ops.delta_rule.delta_rule_naive` are the plain reference the tests compare it with.
 """
 
