@@ -144,3 +144,20 @@ def test_decode_step_writes_in_place_when_asked():
     assert torch.equal(new_b, new)
     for a, b in zip(corr_b, corr, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_decode_step_inductor():
+    """The lean one-token step (strided views of intermediates) through Inductor equals eager (fp32)."""
+    torch._dynamo.reset()
+    layer = lean_layer().float()
+    x, S = (t.float() for t in inputs(layer, 17))
+    mask = torch.tensor([[True], [False]])
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        for write in (True, False):
+            got, ref = compiled(x, S, mask, write), layer(x, S, mask, write)
+            if write:
+                torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=1e-6)
+            for a, b in zip(got[0], ref[0], strict=True):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
