@@ -28,6 +28,7 @@ written message by message (a chat session) have the same tokens.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +37,7 @@ DEFAULT_WRITE_SYSTEM = "You are a helpful assistant. Remember the following conv
 DEFAULT_READ_SYSTEM = "You are a helpful assistant. Answer the question briefly, using what you remember."
 Message = dict[str, str]
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")  # an empty reasoning block (non-thinking answers)
 
 
 @dataclass
@@ -254,7 +256,13 @@ class ChatFormat:
             raise ValueError("the chat template changed the answer text (e.g. stripped it)")
         suffix = rest[at + len(answer) :]
         end_marker = suffix.rstrip(" \n")
-        return prompt_text + rest[:at], answer + end_marker
+        between = rest[:at]
+        if _EMPTY_THINK.fullmatch(between):
+            # e.g. Qwen3-*-Instruct-2507: a final assistant turn gets an empty <think></think> that the
+            # generation prompt lacks; the model answers right after the generation prompt, so it is dropped
+            # (training then reads exactly the prompt evaluation generates from)
+            between = ""
+        return prompt_text + between, answer + end_marker
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -276,6 +284,24 @@ class ChatFormat:
     def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of a READ prompt with the generation prompt (what generation continues)."""
         return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def prompt_segment_ids(self, messages: Sequence[Mapping[str, str]], ids: Sequence[int]) -> list[int]:
+        """SSW segment ids of ``ids``, the rendering of ``messages`` (perhaps + the generation prompt, as
+        :meth:`prompt_ids` gives it): per token, the index of its message among the non-system ones; −1 for
+        system messages and for the template text after the last message. As the reference implementation
+        segments a prompt it reads and writes (one write per message; the system prompt and the generation
+        prompt are not written). Message k owns the tokens that ``render(messages[:k+1])`` adds to
+        ``render(messages[:k])`` (its header and end-of-turn marker included, as in :meth:`encode_messages`);
+        a template that re-renders earlier text gives it to the later message."""
+        seg: list[int] = []
+        next_id = 0
+        for k in range(1, len(messages) + 1):
+            n = len(self.encode(self.render(messages[:k])))
+            del seg[n:]
+            role = messages[k - 1]["role"]
+            seg += [-1 if role == "system" else next_id] * (n - len(seg))
+            next_id += role != "system"
+        return (seg + [-1] * len(ids))[: len(ids)]
 
 
 @dataclass
