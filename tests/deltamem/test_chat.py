@@ -67,6 +67,18 @@ def test_qwen3_hybrid_prompt_closes_an_empty_thinking_block():
     assert thinking.endswith("<|im_start|>assistant\n")  # the template's own thinking default, on request
 
 
+def test_qwen3_instruct_2507_prompt_has_no_thinking_block_at_all():
+    """The non-thinking-only Qwen3-4B-Instruct-2507 template: the generation prompt is the bare assistant
+    header, whatever the thinking switch says (the template has none)."""
+    tok = standin_tokenizer("qwen3-instruct-2507")
+    assert "enable_thinking" not in chat_template("qwen3-instruct-2507")
+    for thinking in (False, True):
+        fmt = ChatFormat(tok, ChatSettings(thinking=thinking))
+        text = fmt.render(read_messages(EXAMPLE), add_generation_prompt=True)
+        assert text.endswith("<|im_start|>user\nWhere does Rosalind live?<|im_end|>\n<|im_start|>assistant\n"), text
+        assert "<think>" not in text
+
+
 def test_smollm3_no_think_no_date_no_persona_unless_asked():
     tok = standin_tokenizer("smollm3")
     msgs = read_messages(EXAMPLE)
