@@ -286,22 +286,27 @@ class ChatFormat:
         return self.encode(self.render(messages, add_generation_prompt=True))
 
     def prompt_segment_ids(self, messages: Sequence[Mapping[str, str]], ids: Sequence[int]) -> list[int]:
-        """SSW segment ids of ``ids``, the rendering of ``messages`` (perhaps + the generation prompt, as
-        :meth:`prompt_ids` gives it): per token, the index of its message among the non-system ones; −1 for
-        system messages and for the template text after the last message. As the reference implementation
-        segments a prompt it reads and writes (one write per message; the system prompt and the generation
-        prompt are not written). Message k owns the tokens that ``render(messages[:k+1])`` adds to
-        ``render(messages[:k])`` (its header and end-of-turn marker included, as in :meth:`encode_messages`);
-        a template that re-renders earlier text gives it to the later message."""
-        seg: list[int] = []
-        next_id = 0
-        for k in range(1, len(messages) + 1):
-            n = len(self.encode(self.render(messages[:k])))
-            del seg[n:]
-            role = messages[k - 1]["role"]
-            seg += [-1 if role == "system" else next_id] * (n - len(seg))
-            next_id += role != "system"
-        return (seg + [-1] * len(ids))[: len(ids)]
+        """SSW segment ids of a prompt that is read and written (``ids`` = :meth:`prompt_ids` of ``messages``,
+        or their rendering without the generation prompt): per token, the index of its message among the
+        non-system ones; −1 for system messages and for the template text after the last message (the
+        generation prompt). The reference implementation writes such a prompt this way: one write per
+        message, neither the system prompt nor the generation prompt.
+
+        The message spans are exactly the WRITE segmentation's (:meth:`encode_messages`, what training's SSW
+        episodes write): message k owns its piece's tokens, header and end-of-turn marker included. Raises
+        ``ValueError`` when the pieces' tokens are not how ``ids`` begins (a template that renders a message
+        differently inside the prompt than on its own)."""
+        piece_ids, spans = self.encode_messages(messages)
+        if list(ids[: len(piece_ids)]) != piece_ids:
+            raise ValueError(
+                "the chat template renders the prompt differently from its messages one by one; SSW cannot "
+                "segment it by message (use template='plain')"
+            )
+        written: dict[int, int] = {}
+        for index, m in enumerate(messages):
+            if m["role"] != "system":
+                written[index] = len(written)
+        return [written.get(s, -1) for s in spans] + [-1] * (len(ids) - len(piece_ids))
 
 
 @dataclass

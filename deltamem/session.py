@@ -206,9 +206,17 @@ class MemorySession:
         return self._messages()
 
     def _segment_ids(self, messages: list[dict[str, str]], ids: list[int]) -> list[int]:
-        """Per token of ``ids``: :meth:`ChatFormat.prompt_segment_ids <deltamem.chat.ChatFormat.prompt_segment_ids>`
-        (the segmentation evaluation's ``deltamem_full_context`` uses too)."""
-        return self.fmt.prompt_segment_ids(messages, ids)
+        """Per token of ``ids`` (the rendering of ``messages``, perhaps + generation prompt): the index of
+        its message among the non-system ones; −1 for system messages and template text after the last."""
+        seg: list[int] = []
+        next_id = 0
+        for k in range(1, len(messages) + 1):
+            n = len(self.fmt.encode(self.fmt.render(messages[:k])))
+            del seg[n:]  # a template that re-renders earlier text: the later message owns it
+            role = messages[k - 1]["role"]
+            seg += [-1 if role == "system" else next_id] * (n - len(seg))
+            next_id += role != "system"
+        return (seg + [-1] * len(ids))[: len(ids)]
 
     def _forward(self, ids: list[int], seg: list[int] | None) -> torch.Tensor:
         from .attach import cache_kwarg

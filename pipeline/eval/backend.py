@@ -236,10 +236,14 @@ class MemoryBackend:
         if state is not None:
             kwargs.update(memory=state, memory_write=write)
             if write and self.write_mode == "SSW" and segment_ids is not None and prefix is None:
+                if any(s is None for s in segment_ids):
+                    raise EvalInputError(
+                        "SSW writing online: the chat template renders the prompt differently from its messages "
+                        "one by one, so it cannot be written message by message (chat settings: template='plain')"
+                    )
                 seg = torch.full((n, width), -1, dtype=torch.long)
                 for r, s in enumerate(segment_ids):
-                    if s is not None:
-                        seg[r, width - len(s) :] = torch.tensor(s)
+                    seg[r, width - len(s) :] = torch.tensor(s)
                 kwargs["segment_ids"] = seg.to(self.device)
         if decoding.do_sample and decoding.seed is not None:
             torch.manual_seed(decoding.seed)

@@ -173,8 +173,12 @@ class Condition:
             source = self.memory_source(key, donors)
             for e, d, m in zip(exs, decs, messages, strict=True):
                 ids = encoder.prompt_ids(m)
-                # online writes: the prompt's message boundaries, for an SSW adapter's per-message writes
-                seg = encoder.prompt_segment_ids(m, ids) if self.writes_online else None
+                seg = None
+                if self.writes_online:  # the prompt's messages, for an SSW adapter's per-message writes
+                    try:
+                        seg = encoder.prompt_segment_ids(m, ids)
+                    except ValueError:  # not segmentable by message: only SSW needs it (the backend says so)
+                        seg = None
                 requests.append(Request(e, key, ids, d, source, seg))
         truncated = sum(1 for v in builder.truncated.values() if v)
         return ShardRequests(requests, [k for k, _ in groups], history_tokens, truncated)

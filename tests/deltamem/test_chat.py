@@ -116,6 +116,37 @@ def test_history_is_the_same_tokens_everywhere(family):
     assert one_by_one == train_ids
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompt_segments_are_the_training_write_segments(family):
+    """SSW writing a prompt it reads (deltamem_full_context): one segment per non-system message, with the
+    token spans training's WRITE segmentation gives the same messages; system prompt and generation prompt
+    are not written (−1)."""
+    fmt = ChatFormat(standin_tokenizer(family))
+    msgs = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "I live in Tallinn."},
+        {"role": "assistant", "content": "Nice city!"},
+        {"role": "user", "content": "Where do I live?"},
+    ]
+    for messages in (msgs[:2], msgs):
+        ids = fmt.prompt_ids(messages)
+        seg = fmt.prompt_segment_ids(messages, ids)
+        write_ids, write_seg = fmt.encode_messages(messages)
+        assert len(seg) == len(ids) and ids[: len(write_ids)] == write_ids
+        assert seg[: len(write_ids)] == [s - 1 for s in write_seg]  # message 0 is the system prompt: −1
+        assert set(seg[len(write_ids) :]) == {-1} and len(ids) > len(write_ids)  # the generation prompt
+        assert sorted(set(seg) - {-1}) == list(range(len(messages) - 1))
+
+
+def test_prompt_segments_refuse_a_template_that_renders_messages_in_context():
+    tok = standin_tokenizer("llama")
+    tok.chat_template = "{% for m in messages %}[{{ messages | length }}]{{ m.content }}{% endfor %}"
+    msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    fmt = ChatFormat(tok)
+    with pytest.raises(ValueError):
+        fmt.prompt_segment_ids(msgs, fmt.prompt_ids(msgs))
+
+
 def test_templates_are_the_published_files():
     for family in FAMILIES:
         text = chat_template(family)
