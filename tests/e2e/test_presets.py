@@ -17,7 +17,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ def _copy_working_tree(dest: Path) -> None:
 class Clone:
     """The shared clone: run commands in it with the project's venv first on PATH."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ray_tmp: Path) -> None:
         self.root = root
         self.env = {
             **os.environ,
@@ -63,6 +65,10 @@ class Clone:
             "MKL_NUM_THREADS": "1",
             "TQDM_DISABLE": "1",
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            # Ray's own temp folder: ray.init() joins any cluster a `ray start` on this machine registered in
+            # <tmp>/ray/ray_current_cluster (on a shared CI runner: another job's), so the rehearsal keeps its
+            # own (a short path: Ray's socket paths must fit 107 bytes)
+            "RAY_TMPDIR": str(ray_tmp),
         }
         for key in (
             "PYTHONPATH",
@@ -81,18 +87,20 @@ class Clone:
 
 
 @pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Clone:
+def clone(tmp_path_factory) -> Iterator[Clone]:
     root = tmp_path_factory.mktemp("rehearsal") / "repo"
     root.mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dmr-", dir="/tmp"))
     _copy_working_tree(root)
     probe.install(root)
     written = datasets.write_all(root, SHARED_DATA if SHARED_DATA.is_dir() else None)
     print(f"rehearsal: raw files {written}")
-    c = Clone(root)
+    c = Clone(root, ray_tmp)
     c.sh("git", "init", "-q")
     c.sh("git", "add", "-A")
     c.sh(*GIT, "commit", "-qm", "clone of the working tree")
-    return c
+    yield c
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
