@@ -18,21 +18,21 @@ import pytest
 import yaml
 
 import pipeline.eval.runner as runner
-import stages.backbone
-import stages.evaluate
-import stages.prepare
-import stages.report
-import stages.train
+import pipeline.stages.backbone
+import pipeline.stages.evaluate
+import pipeline.stages.prepare
+import pipeline.stages.report
+import pipeline.stages.train
 from tests.pipeline.eval_runner.test_stage import write_params
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())
 STAGES = {
-    "prepare": (stages.prepare, "prepare"),
-    "backbone": (stages.backbone, "prepare_backbone"),
-    "train": (stages.train, "run_train"),
-    "evaluate": (stages.evaluate, "run_evaluate"),
-    "report": (stages.report, "run_report"),
+    "prepare": (pipeline.stages.prepare, "prepare"),
+    "backbone": (pipeline.stages.backbone, "prepare_backbone"),
+    "train": (pipeline.stages.train, "run_train"),
+    "evaluate": (pipeline.stages.evaluate, "run_evaluate"),
+    "report": (pipeline.stages.report, "run_report"),
 }
 
 
@@ -292,6 +292,6 @@ def test_a_damaged_backbone_folder_stops_training_in_one_line(damage, nproc, eva
         (backbone / "tokenizer.json").write_text("")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train": {"backbone": "models/backbone", "limit_validation": 0, "nproc": nproc}}))
-    monkeypatch.setattr(stages.train.subprocess, "call", _no_work)  # no torchrun either
+    monkeypatch.setattr(pipeline.stages.train.subprocess, "call", _no_work)  # no torchrun either
     code, line = run_stage("train", params, capsys, monkeypatch, guard=False)
     assert code == 2 and str(backbone) in line, line

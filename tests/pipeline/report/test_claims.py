@@ -196,7 +196,7 @@ def test_undefined_ratios_are_na_in_mlflow(both_zero: Path, mlflow_env, capsys):
     import mlflow
 
     from pipeline import tracking
-    from stages.report import main
+    from pipeline.stages.report import main
 
     assert main(["--params", str(both_zero / "params.yaml")]) == 0
     assert "ratio n/a" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """DVC stage ``report``: training + evaluation results → ``reports/`` (report.md, report.html, plots).
 
-python stages/report.py [--params params.yaml] [--no-tracking]
+python -m pipeline.stages.report [--params params.yaml] [--no-tracking]
 
 Reads the ``report`` section (see :class:`pipeline.report.ReportParams`), writes ``reports/`` atomically,
 then ``reports/metrics.json`` (the DVC metrics file: headline scores and claims only, see :func:`dvc_metrics`),
@@ -16,11 +16,6 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-
-try:
-    import pipeline  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # a plain checkout: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.params import ParamsError, load_section
 from pipeline.report import ReportInputError, ReportParams, run_report
