@@ -1,7 +1,7 @@
 """Fault injection on every stage's inputs, probed as a new user would: each corrupt input is one line on
 stderr naming the file (and key), exit status 2, no traceback, and no work started.
 
-Complements tests/pipeline/eval_runner/test_faults.py (corrupt adapters, splits, backbone weights, full
+Complements tests/pipeline/eval/test_faults.py (corrupt adapters, splits, backbone weights, full
 disk, killed evaluation) with the other corruptions: the params file itself (empty, a directory, a symlink
 loop, not UTF-8, a huge line, no permission), a wrong type in every key of every section, the manifest, a
 directory or a missing file where a file is expected, and a symlink loop in an artefact.
@@ -23,7 +23,7 @@ import pipeline.stages.evaluate
 import pipeline.stages.prepare
 import pipeline.stages.report
 import pipeline.stages.train
-from tests.pipeline.eval_runner.test_stage import write_params
+from tests.pipeline.stages.test_evaluate import write_params
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.pipeline.conftest import REPO_ROOT, shared_file
-from tests.pipeline.test_readers import HOTPOT
+from tests.pipeline.data.test_readers import HOTPOT
 
 STAGE = ["-m", "pipeline.stages.prepare"]  # run from the params folder: PYTHONPATH names this checkout
 SMALL_SYNTHETIC = {"seed": 5, "dialogues": {"train": 20, "validation": 5, "test": 5}}
