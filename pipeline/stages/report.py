@@ -11,12 +11,11 @@ pipeline execution's parent MLflow run. Exit status 2 when a stage output it nee
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.common import atomic_write_json
 from pipeline.params import ParamsError, load_section
 from pipeline.report import ReportInputError, ReportParams, run_report
 from pipeline.report.build import NA, mlflow_payload
@@ -73,9 +72,7 @@ def dvc_metrics(result) -> dict[str, Any]:
 def write_dvc_metrics(result) -> Path:
     """``<out_dir>/metrics.json`` via a temporary file and a rename (never a half-written metrics file)."""
     path = Path(result.out_dir) / METRICS_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(dvc_metrics(result), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, dvc_metrics(result))
     return path
 
 

@@ -103,7 +103,6 @@ def test_the_value_reaches_the_model_config(tiny_folder, no_flash_attn, asked, e
 def test_params_sections_and_chat_take_the_value():
     from deltamem.cli import build_parser
     from pipeline.eval.runner import EvalParams
-    from pipeline.params import ParamsError  # noqa: F401  (registers the sections)
     from pipeline.train.run import BackboneParams, TrainParams
 
     for model in (BackboneParams, TrainParams, EvalParams):
