@@ -40,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.common import check_dtype
+from pipeline.common import DtypeName, check_dtype  # the dtype names: pipeline.common.DTYPES
 from pipeline.data import DATASETS, known_datasets
 from pipeline.data import synthetic as _synthetic
 from pipeline.data.tokenize import DEFAULT_READ_LENGTH, DEFAULT_WRITE_LENGTH
@@ -64,8 +64,7 @@ DecodingMode = Literal["greedy", "paper"]
 DECODING_MODES: tuple[str, ...] = get_args(DecodingMode)
 ScoringName = Literal["official", "delta-mem"]
 SCORINGS: tuple[str, ...] = get_args(ScoringName)
-Schedule = Literal["cosine", "linear", "constant"]
-DtypeName = Literal["float32", "bfloat16", "float16"]
+ScheduleName = Literal["cosine", "linear", "constant"]
 
 
 def check_condition(name: Any) -> Any:
@@ -82,6 +81,12 @@ def check_scoring(scoring: Any) -> Any:
     return scoring
 
 
+def _check_schedule(v: Any) -> Any:
+    if v not in get_args(ScheduleName):
+        raise ValueError(f"schedule {v!r}; allowed: {', '.join(get_args(ScheduleName))}")
+    return v
+
+
 def _check_attn(v: str) -> str:
     from deltamem.backbones import check_attn_implementation
 
@@ -92,6 +97,7 @@ def _check_attn(v: str) -> str:
 Condition = Annotated[ConditionName, BeforeValidator(check_condition)]
 Scoring = Annotated[ScoringName, BeforeValidator(check_scoring)]
 Dtype = Annotated[DtypeName, BeforeValidator(check_dtype)]
+Schedule = Annotated[ScheduleName, BeforeValidator(_check_schedule)]
 AttnImplementation = Annotated[str, BeforeValidator(_check_attn)]  # auto | eager | sdpa | flash_attention_2
 
 

@@ -108,7 +108,10 @@ def test_a_section_without_a_model_is_refused_as_the_model(tmp_path):
         ({"train.variants": {"TSW": {"write_mode": "XSW"}}}, "section 'train': variants.TSW: "),
         ({"train.variants": {"base": {"write_mode": "TSW"}}}, "section 'train': variants: 'base' is reserved"),
         ({"report.claim": "deltamem_onyl"}, "section 'report': claim: unknown condition 'deltamem_onyl'"),
-        ({"train.optim": {"schedule": "step"}}, "section 'train': optim.schedule: Input should be 'cosine'"),
+        (
+            {"train.optim": {"schedule": "step"}},
+            "section 'train': optim.schedule: schedule 'step'; allowed: cosine, linear, constant",
+        ),
     ],
 )
 def test_cross_section_and_choice_errors_name_the_file_and_keys(tmp_path, changes, message):
