@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Literal
 from pipeline.data.schema import Example
 from pipeline.eval.requests import Encoder, PromptBuilder, Request, ShardRequests
 from pipeline.eval.tasks.base import Decoding, Task
+from pipeline.params import BASE_VARIANT  # noqa: F401  (the condition names are pipeline.params.ConditionName)
 
 if TYPE_CHECKING:
     from pipeline.eval.plan import PredictionSettings
 
 PromptKind = Literal["question", "context", "retrieval"]
 MemoryKind = Literal["none", "history", "donor", "online"]
-BASE_VARIANT = "base"
 
 
 @dataclass(frozen=True)
