@@ -89,9 +89,10 @@ def run_tree(tree: Path, root: Path, tag: str, decoding: str) -> Path:
     params = root / f"params-{tag}-{decoding}.yaml"
     params.write_text(yaml.safe_dump({"evaluate": {**BASE, "decoding": decoding, "tasks": tasks, "out_dir": out}}))
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    new = (tree / "pipeline" / "stages" / "evaluate.py").is_file()  # an older tree has stages/evaluate.py
     cmd = [
         sys.executable,
-        str(tree / "stages" / "evaluate.py"),
+        *(["-m", "pipeline.stages.evaluate"] if new else [str(tree / "stages" / "evaluate.py")]),
         "--params",
         str(params),
         "--no-tracking",

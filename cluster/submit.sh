@@ -4,7 +4,7 @@
 #
 #   cluster/submit.sh                                   # `dvc repro` on $RAY_ADDRESS (default http://127.0.0.1:8265)
 #   cluster/submit.sh --no-wait -- dvc repro evaluate   # one stage; return once submitted
-#   cluster/submit.sh --gpus 1 -- python stages/train.py --variant TSW --no-tracking
+#   cluster/submit.sh --gpus 1 -- python -m pipeline.stages.train --variant TSW --no-tracking
 #   cluster/submit.sh --dry-run                         # print the ray command instead of running it
 #
 # Options (before `--`; everything after `--` is the entrypoint, run by `bash -c` in the uploaded copy):

@@ -88,6 +88,7 @@ class DeltaMemController:
         self.beta_means: dict[int, torch.Tensor] = {}  # mean β over the last call's tokens, per layer
         self._pending: dict[int, dict[str, torch.Tensor] | None] = {}
         self._mask_cache: tuple[Any, int, int, torch.Tensor | None] | None = None
+        self._mask_weight_cache: tuple[torch.Tensor, torch.dtype, torch.Tensor] | None = None
         self._handles: list[Any] = []
         self._checkpointed: dict[int, nn.Module] = {}
         self._install_hooks()
@@ -168,6 +169,18 @@ class DeltaMemController:
         self._mask_cache = (m, batch, length, tm)
         return tm
 
+    def _mask_weight(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The token mask as 1.0 / 0.0 [B, T, 1, 1] in ``dtype``, once per decoder call (all layers share it):
+        the layers fold it into their operands with one multiply."""
+        if mask is None:
+            return None
+        c = self._mask_weight_cache
+        if c is not None and c[0] is mask and c[1] == dtype:
+            return c[2]
+        w = mask.to(dtype).view(*mask.shape, 1, 1)
+        self._mask_weight_cache = (mask, dtype, w)
+        return w
+
     def _memory_step(self, idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         state = self.state
         if state is None:
@@ -192,10 +205,16 @@ class DeltaMemController:
         seg = self.segment_ids
         if seg is not None and seg.device != x.device:
             seg = seg.to(x.device)
-        corr, new, beta_mean = layer(x, S, self._token_mask(B, T), self.write, seg, stats)
+        mask = self._token_mask(B, T)
+        buf = state.layers[idx]
+        # in-place decoding: the lean step writes straight into the state's own tensor (no copy after)
+        out = buf if self.inplace and self.write and S is buf and not torch.is_grad_enabled() else None
+        corr, new, beta_mean = layer(
+            x, S, mask, self.write, seg, stats, self._mask_weight(mask, layer.compute_dtype), state_out=out
+        )
         if new is not None:
-            if self.inplace:
-                state.layers[idx].copy_(new)
+            if self.inplace and new is not buf:
+                buf.copy_(new)
             else:
                 state.layers[idx] = new
         if beta_mean is not None:

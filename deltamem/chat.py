@@ -28,6 +28,7 @@ written message by message (a chat session) have the same tokens.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +37,7 @@ DEFAULT_WRITE_SYSTEM = "You are a helpful assistant. Remember the following conv
 DEFAULT_READ_SYSTEM = "You are a helpful assistant. Answer the question briefly, using what you remember."
 Message = dict[str, str]
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")  # an empty reasoning block (non-thinking answers)
 
 
 @dataclass
@@ -254,7 +256,13 @@ class ChatFormat:
             raise ValueError("the chat template changed the answer text (e.g. stripped it)")
         suffix = rest[at + len(answer) :]
         end_marker = suffix.rstrip(" \n")
-        return prompt_text + rest[:at], answer + end_marker
+        between = rest[:at]
+        if _EMPTY_THINK.fullmatch(between):
+            # e.g. Qwen3-*-Instruct-2507: a final assistant turn gets an empty <think></think> that the
+            # generation prompt lacks; the model answers right after the generation prompt, so it is dropped
+            # (training then reads exactly the prompt evaluation generates from)
+            between = ""
+        return prompt_text + between, answer + end_marker
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -276,6 +284,29 @@ class ChatFormat:
     def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of a READ prompt with the generation prompt (what generation continues)."""
         return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def prompt_segment_ids(self, messages: Sequence[Mapping[str, str]], ids: Sequence[int]) -> list[int]:
+        """SSW segment ids of a prompt that is read and written (``ids`` = :meth:`prompt_ids` of ``messages``,
+        or their rendering without the generation prompt): per token, the index of its message among the
+        non-system ones; −1 for system messages and for the template text after the last message (the
+        generation prompt). The reference implementation writes such a prompt this way: one write per
+        message, neither the system prompt nor the generation prompt.
+
+        The message spans are exactly the WRITE segmentation's (:meth:`encode_messages`, what training's SSW
+        episodes write): message k owns its piece's tokens, header and end-of-turn marker included. Raises
+        ``ValueError`` when the pieces' tokens are not how ``ids`` begins (a template that renders a message
+        differently inside the prompt than on its own)."""
+        piece_ids, spans = self.encode_messages(messages)
+        if list(ids[: len(piece_ids)]) != piece_ids:
+            raise ValueError(
+                "the chat template renders the prompt differently from its messages one by one; SSW cannot "
+                "segment it by message (use template='plain')"
+            )
+        written: dict[int, int] = {}
+        for index, m in enumerate(messages):
+            if m["role"] != "system":
+                written[index] = len(written)
+        return [written.get(s, -1) for s in spans] + [-1] * (len(ids) - len(piece_ids))
 
 
 @dataclass

@@ -26,20 +26,24 @@ so upstream adapters map one to one.
 Two code paths compute the same function. :meth:`DeltaMemLayer.forward` is the lean one used by the hooks:
 one matmul for exactly the projections the call needs (read-only: q, plus the gates only when statistics
 are asked for; writing: q, k, v, β[, λ] packed), one matmul for all corrections, no host synchronisation
-(masks stay on the device; only SSW segment bookkeeping syncs). :meth:`project`, :meth:`corrections` and
+(masks stay on the device; only SSW segment bookkeeping syncs); one token (decoding) goes through
+:meth:`DeltaMemLayer._decode`, the same arithmetic laid out for few aten ops (strided views of fresh
+tensors, padding folded into q, k and β). :meth:`project`, :meth:`corrections` and
 :func:`deltamem.ops.delta_rule.delta_rule_naive` are the plain reference the tests compare it with.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import BRANCHES, DeltaMemConfig
-from .ops.delta_rule import delta_rule, delta_rule_decode_packed
+from .ops.delta_rule import delta_rule, delta_rule_decode, resolve_backend
+from .ops.delta_rule.step import delta_rule_step_packed, state_matrices
 
 
 def inverse_bounded_sigmoid(value: float, max_value: float) -> float:
@@ -75,7 +79,7 @@ class DeltaMemLayer(nn.Module):
         if config.delta_o_rmsnorm:  # inert (and frozen by attach) without an o branch, as in the reference
             self.delta_o_rmsnorm_weight = nn.Parameter(torch.ones(attn.o_proj.out_features))
         self._sizes = [self.out_features[b] for b in config.branches]
-        self._pack_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+        self._pack_cache: dict[tuple, tuple[tuple, Any]] = {}
         self._scale_cols: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters(attn)
 
@@ -267,14 +271,20 @@ class DeltaMemLayer(nn.Module):
         write: bool = False,
         segment_ids: torch.Tensor | None = None,
         stats: bool = False,
+        mask_weight: torch.Tensor | None = None,
+        state_out: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         """One attention call's memory step.
 
         x [B, T, d] (the attention input, any dtype); state [B, H, r, r]; mask [B, T] bool (True = real
-        token) or None. Returns (corrections, new state or None when read-only, mean β or None): the
-        corrections are one tensor per branch in ``config.branches`` order, [B, T, out_features] in x's
-        dtype. ``stats`` asks for the masked mean β (the write-sparsity loss needs it); it is skipped
-        otherwise.
+        token) or None; ``mask_weight`` the same mask as 1.0 / 0.0 in the compute dtype, [B, T, 1, 1]
+        (the controller passes one per decoder call, shared by its layers; derived from mask when None).
+        ``state_out`` (inference, in-place decoding): a [B, H, r, r] buffer of the compute dtype (``state``
+        itself may be it) that the one-token lean step writes the new state into and returns; other
+        paths ignore it (the caller copies).
+        Returns (corrections, new state or None when read-only, mean β or None): the corrections are one
+        tensor per branch in ``config.branches`` order, [B, T, out_features] in x's dtype. ``stats`` asks
+        for the masked mean β (the write-sparsity loss needs it); it is skipped otherwise.
         """
         cfg = self.config
         out_dtype = x.dtype
@@ -282,59 +292,42 @@ class DeltaMemLayer(nn.Module):
         if x.dtype != cdt:
             x = x.to(cdt)
         if state.dtype != cdt:
-            state = state.to(cdt)
+            state, state_out = state.to(cdt), None
         B, T, _ = x.shape
         H, r, n = self.num_substates, self.rank, cfg.state_dim
         segments = write and cfg.write_mode == "SSW" and self._usable_segments(segment_ids, mask, B, T)
+        if T == 1 and not segments:
+            if mask is not None and mask_weight is None:
+                mask_weight = mask.view(B, 1, 1, 1).to(cdt)
+            return self._decode(x, state, mask, mask_weight, write, stats, out_dtype, state_out)
         token_writes = write and not segments
         gates = token_writes or stats
         names = ("memory_q_proj", "memory_k_proj", "memory_v_proj") if token_writes else ("memory_q_proj",)
         if gates:
             names += ("beta_proj",) if cfg.couple_lambda else ("beta_proj", "lambda_proj")
-        decode = token_writes and T == 1
-        # decoding works on [B, ...] views throughout (no per-tensor selects of the token axis)
-        lead = (B,) if decode else (B, T)
-        shape = (*lead, H, r)
+        shape = (B, T, H, r)
         off = 3 * n if token_writes else n
         bias = self._packed_bias(off) if gates else None
-        y = F.linear(x.view(B, -1) if decode else x, self._packed_weight(names), bias)  # one matmul for all of it
+        y = F.linear(x, self._packed_weight(names), bias)  # one matmul for all of it
         beta = lam = None
         if gates:
             beta, lam = self._gates(y[..., off:], shape)
         new_state = None
         if token_writes:
-            qk = self._qk_norm(y[..., : 2 * n].view(*lead, 2, H, r))  # q and k normalised together
+            q, k = self._qk_norm(y[..., : 2 * n].view(B, T, 2, H, r)).unbind(2)  # q and k normalised together
             keep, erase = self._keep_erase(beta, lam)
             v = y[..., 2 * n : 3 * n].view(shape)
-            if decode:  # one step; q and k are the two columns of one matmul
-                valid = None if mask is None else mask.view(B)
-                reads, new_state = delta_rule_decode_packed(
-                    state, qk.permute(0, 2, 3, 1), v, keep, erase, beta, valid, backend=cfg.scan_backend
-                )
-            else:
-                q, k = qk.unbind(2)
-                reads, new_state = delta_rule(
-                    q, k, v, keep, erase, beta, initial_state=state, mask=mask, backend=cfg.scan_backend,
-                    chunk_size=cfg.chunk_size,
-                )  # fmt: skip
+            reads, new_state = delta_rule(
+                q, k, v, keep, erase, beta, initial_state=state, mask=mask, backend=cfg.scan_backend,
+                chunk_size=cfg.chunk_size,
+            )  # fmt: skip
         else:
             reads = self._read(state, self._qk_norm(y[..., :n].view(shape)))
             if mask is not None:
                 reads = torch.where(mask.view(B, T, 1, 1), reads, 0.0)
             if segments:
                 new_state = self._write_segment_means(state, x, mask, segment_ids)
-        # s scales the small weight rather than the [B, T, Σ out] product: one large tensor fewer, and
-        # bit-identical to s·(U r) for a power-of-two s (the default α/r = 2)
-        U = self._packed_weight(tuple(f"delta_{b}_proj" for b in cfg.branches), cfg.scale)  # s·U, cached
-        if cfg.trainable_delta_scale:
-            U = U * self._scale_columns().unsqueeze(-1)  # m_h per output row of U, on the small weight
-        corr = F.linear(reads.reshape(B, T, n), U)
-        if corr.dtype != out_dtype:
-            corr = corr.to(out_dtype)  # the one cast, for all branches
-        out = list(corr.split(self._sizes, dim=-1)) if len(self._sizes) > 1 else [corr]
-        if cfg.delta_o_rmsnorm and "o" in cfg.branches:
-            i = cfg.branches.index("o")
-            out[i] = self._rmsnorm_o(out[i])
+        out = self._corrections(reads.reshape(B * T, n), B, T, out_dtype, split=True)
         beta_mean = None
         if stats:
             beta = beta.view(B, T, H, r)
@@ -344,6 +337,157 @@ class DeltaMemLayer(nn.Module):
                 w = mask.view(B, T, 1, 1).to(beta.dtype)
                 beta_mean = (beta * w).sum() / (w.sum() * H * r).clamp_min(1.0)
         return out, new_state, beta_mean
+
+    def _decode(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor,
+        mask: torch.Tensor | None,
+        mask_weight: torch.Tensor | None,
+        write: bool,
+        stats: bool,
+        out_dtype: torch.dtype,
+        state_out: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`forward` for one token (T = 1, token writes or read-only): the same function in a few
+        dozen aten ops. Every operand is a strided view of a fresh tensor (the projection, its
+        normalisation, the state products), so no select/split/unsqueeze chains; padding is folded
+        into the operands (q = k = 0 and β = 0 for a padded token: read 0, state unchanged), not
+        applied with ``where``."""
+        cfg = self.config
+        B, _, d = x.shape
+        H, r, n, G = self.num_substates, self.rank, cfg.state_dim, self.num_gates
+        c = 2 if write else 1  # q (and k) per sub-state
+        gates = write or stats
+        w_t, bias = self._decode_weights(write, gates)
+        y = torch.addmm(bias, x.view(B, d), w_t) if gates else torch.mm(x.view(B, d), w_t)
+        C = y.shape[1]
+        qk = self._qk_norm(y.as_strided((B, H, c, r), (C, c * r, r, 1)))  # [B, H, c, r]
+        if not qk.is_contiguous():  # without normalize_qk: still the strided view of y
+            qk = qk.contiguous()
+        if mask_weight is not None:
+            qk = qk * mask_weight
+        beta = new_state = None
+        if gates:
+            off = c * n + (n if write else 0)
+            shape, stride = (B, H, r, 1), ((C, r, 1, 1) if cfg.rankwise_gates else (C, 1, 0, 1))
+            beta = torch.sigmoid(y.as_strided(shape, stride, off))  # [B, H, r, 1]: one value per row
+        if not write:
+            # r_t = S q_t, computed as q_tᵀ Sᵀ (the orientation of the multi-token read)
+            reads = torch.bmm(qk.view(B * H, 1, r), state_matrices(state).transpose(1, 2)).view(B, n)
+        else:
+            lam = None if cfg.couple_lambda else torch.sigmoid(y.as_strided(shape, stride, off + G))
+            v = y.as_strided(shape, (C, r, 1, 1), c * n)
+            if resolve_backend(cfg.scan_backend, x) == "chunk":
+                mode = cfg.state_update_mode
+                wb = beta if mask_weight is None else beta * mask_weight  # padded: β = 0 (erase = write = 0)
+                if mode == "no_lambda":
+                    lam = None
+                elif lam is None:  # coupled: λ = 1 − β (= 1 when padded)
+                    lam = torch.sub(self._one(wb), wb)
+                elif mask is not None:  # padded: λ = 1
+                    lam = torch.where(mask.view(B, 1, 1, 1), lam, self._one(lam))
+                erase = lam * wb if mode == "lambda_outside" else wb
+                reads, new_state = delta_rule_step_packed(state, qk, v, lam, erase, wb, out=state_out)
+            else:  # the reference step (naive) or the fused launch (CUDA), with the mask as given
+                keep, erase = self._keep_erase(beta, lam)
+                read, new_state = delta_rule_decode(
+                    state, qk[:, :, 0], qk[:, :, 1], v[..., 0], keep[..., 0], erase[..., 0], beta[..., 0],
+                    None if mask is None else mask.view(B), backend=cfg.scan_backend,
+                )  # fmt: skip
+                reads = read.reshape(B, n)
+        out = self._corrections(reads, B, 1, out_dtype)
+        beta_mean = None
+        if stats:
+            if mask_weight is None:
+                beta_mean = beta.mean()
+            else:
+                beta_mean = (beta * mask_weight).sum() / (mask_weight.sum() * H * r).clamp_min(1.0)
+        return out, new_state, beta_mean
+
+    def _corrections(
+        self, reads: torch.Tensor, B: int, T: int, out_dtype: torch.dtype, split: bool = False
+    ) -> list[torch.Tensor]:
+        """reads [B·T, H·r] → one correction per branch [B, T, out_features] in ``out_dtype``: one matmul
+        with the packed s·U (s scales the small weight rather than the [B, T, Σ out] product: one large
+        tensor fewer, and bit-identical to s·(U r) for a power-of-two s, the default α/r = 2), one cast.
+        The branches are ``split`` (training-friendly backward) or taken as strided views (one op each)."""
+        cfg = self.config
+        corr = torch.mm(reads, self._correction_weight_t())
+        if corr.dtype != out_dtype:
+            corr = corr.to(out_dtype)  # the one cast, for all branches
+        sizes = self._sizes
+        total = sum(sizes)
+        if len(sizes) == 1:
+            out = [corr.view(B, T, total)]
+        elif split:
+            out = list(corr.view(B, T, total).split(sizes, dim=-1))
+        else:
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            out = [corr.as_strided((B, T, s), (T * total, total, 1), o) for s, o in zip(sizes, offsets, strict=True)]
+        if cfg.delta_o_rmsnorm and "o" in cfg.branches:
+            i = cfg.branches.index("o")
+            out[i] = self._rmsnorm_o(out[i])
+        return out
+
+    def _cached(self, key: tuple, tensors: list[torch.Tensor], build) -> Any:
+        """``build()``, cached until one of ``tensors`` changes (version counters); built afresh under
+        autograd or compilation."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return build()
+        ver = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        hit = self._pack_cache.get(key)
+        if hit is None or hit[0] != ver:
+            hit = self._pack_cache[key] = (ver, build())
+        return hit[1]
+
+    def _one(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0-dim 1 (``sub(one, β)`` is one op; ``1.0 − β`` wraps the scalar first: several)."""
+        return self._cached(("one", like.device, like.dtype), [], lambda: like.new_ones(()))
+
+    def _decode_weights(self, write: bool, gates: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Wᵀ, bias [1, C]) of the one-token projection: rows q (read-only) or, per sub-state, q_h then
+        k_h, then v (writing), then the gates; the bias is zero but for the gates' b_β (b_λ). Wᵀ is a
+        transposed view (what ``F.linear`` hands ``addmm``), kept with the cache."""
+        cfg = self.config
+        H, r = self.num_substates, self.rank
+        ws = ["memory_q_proj", "memory_k_proj", "memory_v_proj"] if write else ["memory_q_proj"]
+        gs = (["beta_proj"] if cfg.couple_lambda else ["beta_proj", "lambda_proj"]) if gates else []
+        bs = [g.replace("proj", "bias") for g in gs]
+        tensors = [getattr(self, name) for name in ws + gs + bs]
+
+        def build() -> tuple[torch.Tensor, torch.Tensor | None]:
+            q = self.memory_q_proj
+            rows = [q]
+            if write:
+                d = q.shape[1]
+                qk = torch.stack((q.view(H, r, d), self.memory_k_proj.view(H, r, d)), 1).view(2 * H * r, d)
+                rows = [qk, self.memory_v_proj]
+            rows += [getattr(self, g) for g in gs]
+            w = rows[0] if len(rows) == 1 else torch.cat(rows)
+            if not gates:
+                return w.t(), None
+            gb = [getattr(self, b) for b in bs]
+            zeros = gb[0].new_zeros(w.shape[0] - sum(b.shape[0] for b in gb))
+            return w.t(), torch.cat([zeros, *gb]).unsqueeze(0)
+
+        return self._cached(("decode", write, gates), tensors, build)
+
+    def _correction_weight_t(self) -> torch.Tensor:
+        """(s·m·U)ᵀ [H·r, Σ out] for every branch, packed (a transposed view, cached)."""
+        cfg = self.config
+        names = tuple(f"delta_{b}_proj" for b in cfg.branches)
+        tensors = [getattr(self, name) for name in names]
+        if cfg.trainable_delta_scale:
+            tensors.append(self.delta_scale_raw)
+
+        def build() -> torch.Tensor:
+            u = self._packed_weight(names, cfg.scale)  # s·U
+            if cfg.trainable_delta_scale:
+                u = u * self._scale_columns().unsqueeze(-1)  # m_h per output row of U, on the small weight
+            return u.t()
+
+        return self._cached(("corrections",), tensors, build)
 
     def _scale_columns(self) -> torch.Tensor:
         """m_h per output column of the packed corrections (a scalar per layer, or one per branch)."""

@@ -15,36 +15,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, field_validator
-
-from pipeline.common import DtypeName, atomic_dir, torch_dtype
-from pipeline.params import register_section
+from pipeline.common import atomic_dir, torch_dtype
+from pipeline.params import BackboneParams
 
 
 class InputError(ValueError):
     """A problem with the stage's inputs (params, data, paths): reported in one line, exit status 2."""
 
 
-class BackboneParams(BaseModel):
-    """``backbone``: what to load and where to save it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name_or_path: str = "embedded"
-    dtype: DtypeName = "float32"
-    out_dir: str = "models/backbone"
-    trust_remote_code: bool = False
-    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (deltamem.backbones)
-
-    @field_validator("attn_implementation")
-    @classmethod
-    def _attn(cls, v: str) -> str:
-        from deltamem.backbones import check_attn_implementation
-
-        return check_attn_implementation(v)
-
-
-register_section("backbone", BackboneParams)
+__all__ = ["BackboneParams", "InputError", "check_backbone_folder", "prepare_backbone", "resolve_backbone"]
 
 
 def resolve_backbone(name: str, root: Path, field: str, local_names: tuple[str, ...] = ()) -> str:

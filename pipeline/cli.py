@@ -8,27 +8,31 @@
     deltamem report [--params params.yaml] [--no-tracking]
     deltamem submit [--entrypoint "dvc repro"] [--address URL] [--no-wait] ...
 
-``prepare``/``backbone``/``train``/``eval``/``report`` run the ``main`` of the DVC stage scripts
-(``stages/<name>.py``), so ``deltamem train --variant TSW`` and ``python stages/train.py --variant TSW`` are the
-same code, options and exit status; ``deltamem <verb> --help`` shows the stage's options. The stage scripts are
-loaded from the repository that holds this package (an editable install: ``pip install -e .``), so run the
-command from the repository root (the stages' default ``--params params.yaml`` is relative to the working dir).
+``prepare``/``backbone``/``train``/``eval``/``report`` call the ``main`` of the stage modules
+(:mod:`pipeline.stages`), imported by name: ``deltamem train --variant TSW`` and
+``python -m pipeline.stages.train --variant TSW`` are the same code, options and exit status;
+``deltamem <verb> --help`` shows the stage's options.
+
+The code that runs is the checkout's (issue 11 item 10): run from the root of a checkout other than the one
+this command was installed from, the command re-runs itself as ``python -m pipeline.cli`` there, so that
+checkout's ``pipeline`` and ``deltamem`` are imported (:func:`foreign_checkout`). Run it from the repository
+root (the stages' default ``--params params.yaml`` is relative to the working folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
+import importlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES_DIR = REPO_ROOT / "stages"
+_REEXEC_ENV = "DELTAMEM_CLI_CHECKOUT"  # set on the re-run: never re-run twice
 
-# verb -> (stage script, one-line help)
+# verb -> (stage module under pipeline.stages, one-line help)
 STAGE_VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "read and normalize the datasets → data/prepared/ (DVC stage prepare)"),
     "backbone": ("backbone", "save the configured backbone as a Hugging Face folder → models/backbone/"),
@@ -39,30 +43,38 @@ STAGE_VERBS: dict[str, tuple[str, str]] = {
 
 
 def load_stage(name: str) -> ModuleType:
-    """Import ``stages/<name>.py`` of this repository (once) as module ``stages.<name>``."""
-    mod_name = f"stages.{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    path = STAGES_DIR / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"stage script {path} not found: `deltamem {name}` needs the repository checkout (pip install -e .)"
-        )
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[mod_name]
-        raise
-    return module
+    """The stage module ``pipeline.stages.<name>`` (an ordinary import: this package's own)."""
+    return importlib.import_module(f"pipeline.stages.{name}")
 
 
 def stage_main(name: str) -> Callable[[list[str] | None], int]:
-    """The ``main(argv) -> int`` of ``stages/<name>.py``."""
+    """The ``main(argv) -> int`` of :mod:`pipeline.stages.<name>`."""
     return load_stage(name).main
+
+
+def foreign_checkout(cwd: Path | None = None) -> Path | None:
+    """``cwd`` when it is the root of a deltamem checkout other than the one imported here, else None.
+
+    A checkout's root holds ``pipeline/cli.py`` and ``pipeline/stages/__init__.py``; the same files as
+    ours (also through a symlink) are not foreign.
+    """
+    cwd = Path.cwd() if cwd is None else cwd
+    cli, stages = cwd / "pipeline" / "cli.py", cwd / "pipeline" / "stages" / "__init__.py"
+    if not (cli.is_file() and stages.is_file()):
+        return None
+    try:
+        same = cli.samefile(Path(__file__))
+    except OSError:
+        same = False
+    return None if same else cwd
+
+
+def _rerun_in(checkout: Path, argv: list[str]) -> int:
+    """Run ``python -m pipeline.cli ARGV`` in ``checkout`` (``-m`` puts the working folder first on sys.path)."""
+    import subprocess
+
+    env = {**os.environ, _REEXEC_ENV: str(checkout)}
+    return subprocess.call([sys.executable, "-m", "pipeline.cli", *argv], cwd=checkout, env=env)
 
 
 @contextlib.contextmanager
@@ -80,13 +92,9 @@ def _prog(prog: str) -> Iterator[None]:
 
 
 def run_stage(verb: str, argv: list[str]) -> int:
-    """``deltamem <verb> ARGS``: the stage script's ``main(ARGS)``."""
+    """``deltamem <verb> ARGS``: the stage module's ``main(ARGS)``."""
     script, _ = STAGE_VERBS[verb]
-    try:
-        main = stage_main(script)
-    except FileNotFoundError as err:
-        print(f"deltamem {verb}: error: {err}", file=sys.stderr)
-        return 2
+    main = stage_main(script)
     with _prog(f"deltamem {verb}"):
         return int(main(argv) or 0)
 
@@ -121,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    checkout = None if os.environ.get(_REEXEC_ENV) else foreign_checkout()
+    if checkout is not None:
+        return _rerun_in(checkout, argv)
     if argv and not argv[0].startswith("-"):
         verb, rest = argv[0], argv[1:]
         if verb == "chat":

@@ -232,6 +232,9 @@ def start_local_ray(
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; shut it down first")
     kwargs: dict[str, Any] = {
+        # "local": always a new node of our own. Without it ray.init joins whatever `ray start` last
+        # registered in <ray tmp>/ray_current_cluster (another user's cluster, where num_cpus is refused).
+        "address": "local",
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
         "object_store_memory": object_store_mb * 2**20,

@@ -2,7 +2,7 @@
 
     deltamem submit                                   # `dvc repro` on $RAY_ADDRESS (default http://127.0.0.1:8265)
     deltamem submit --entrypoint "dvc repro evaluate" --no-wait
-    deltamem submit --entrypoint "python stages/evaluate.py --no-tracking" --gpus 1
+    deltamem submit --entrypoint "python -m pipeline.stages.evaluate --no-tracking" --gpus 1
     deltamem submit --dry-run                         # print the equivalent `ray job submit` command line
 
 The repository (``--working-dir``, default ``.``) is zipped and uploaded as the job's ``working_dir``, minus
@@ -208,7 +208,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--entrypoint",
         default=DEFAULT_ENTRYPOINT,
         help=f"shell command run in the uploaded repository (default: {DEFAULT_ENTRYPOINT!r}; e.g. 'dvc repro "
-        "evaluate' or 'python stages/evaluate.py --no-tracking')",
+        "evaluate' or 'python -m pipeline.stages.evaluate --no-tracking')",
     )
     ap.add_argument(
         "--address",

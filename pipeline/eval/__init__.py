@@ -1,6 +1,6 @@
 """Evaluation: the ``evaluate`` stage's package, one module per phase (see docs/EVALUATION.md).
 
-:func:`pipeline.eval.runner.run_evaluate` (called by ``stages/evaluate.py``) runs, in order:
+:func:`pipeline.eval.runner.run_evaluate` (called by :mod:`pipeline.stages.evaluate`) runs, in order:
 
 1. :mod:`~pipeline.eval.params` — the ``evaluate`` section (:class:`~pipeline.eval.params.EvalParams`).
 2. :mod:`~pipeline.eval.inputs`, :mod:`~pipeline.eval.plan` — inputs checked and hashed; units and

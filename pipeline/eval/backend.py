@@ -120,6 +120,11 @@ class MemoryBackend:
         """The generation prompt exactly as the training READ segment is encoded."""
         return self.fmt.encode(self.fmt.render(list(messages), add_generation_prompt=True))
 
+    def prompt_segment_ids(self, messages: Sequence[Mapping[str, str]], ids: Sequence[int]) -> list[int]:
+        """Per token of ``ids`` (:meth:`prompt_ids` of ``messages``), its message for SSW writes (−1: not
+        written; :meth:`deltamem.chat.ChatFormat.prompt_segment_ids`)."""
+        return self.fmt.prompt_segment_ids(messages, ids)
+
     def history_ids(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
         """(ids, message index per token) of a history, exactly as the training WRITE segment is encoded
         (for templated tokenizers this equals :func:`deltamem.encode_messages`)."""
@@ -203,11 +208,15 @@ class MemoryBackend:
         state: Any = None,
         write: bool = False,
         prefix: tuple[list[int], Any, Any] | None = None,
+        segment_ids: Sequence[list[int] | None] | None = None,
     ) -> list[tuple[str, int]]:
         """Generate for left-padded ``prompts``; ``state`` = batch state (read-only unless ``write``).
 
         ``prefix`` = (prefix ids, KV cache of the prefix, δ-mem state after it or None): every prompt
         starts with the prefix ids; the cache is copied, expanded to the batch and continued.
+        ``segment_ids`` (one list per prompt, without a prefix): an SSW adapter writing online writes each
+        prompt one segment at a time (padding: −1) and then every generated token on its own (the decode
+        steps carry no ids), as the reference implementation does.
         """
         import torch
 
@@ -236,6 +245,16 @@ class MemoryBackend:
                 state = prefix[2].expand(n).clone() if n > 1 else prefix[2].clone()
         if state is not None:
             kwargs.update(memory=state, memory_write=write)
+            if write and self.write_mode == "SSW" and segment_ids is not None and prefix is None:
+                if any(s is None for s in segment_ids):
+                    raise EvalInputError(
+                        "SSW writing online: the chat template renders the prompt differently from its messages "
+                        "one by one, so it cannot be written message by message (chat settings: template='plain')"
+                    )
+                seg = torch.full((n, width), -1, dtype=torch.long)
+                for r, s in enumerate(segment_ids):
+                    seg[r, width - len(s) :] = torch.tensor(s)
+                kwargs["segment_ids"] = seg.to(self.device)
         if decoding.do_sample and decoding.seed is not None:
             torch.manual_seed(decoding.seed)
         with torch.no_grad():

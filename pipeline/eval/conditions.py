@@ -13,7 +13,9 @@ condition                  adapter  prompt                               δ-mem 
                                                                          conversation; read-only answers
 ``deltamem_full_context``  yes      history (left-truncated) + question  empty per question, written online
                                                                          during prefill and decoding (the
-                                                                         paper's protocol)
+                                                                         paper's protocol; SSW: one write per
+                                                                         prompt message, then one per
+                                                                         generated token)
 ``deltamem_shuffled``      yes      the question only                    the history of ANOTHER conversation
                                                                          (control: recall vs. format)
 =========================  =======  ===================================  ===================================
@@ -36,13 +38,13 @@ from typing import TYPE_CHECKING, Literal
 from pipeline.data.schema import Example
 from pipeline.eval.requests import Encoder, PromptBuilder, Request, ShardRequests
 from pipeline.eval.tasks.base import Decoding, Task
+from pipeline.params import BASE_VARIANT  # noqa: F401  (the condition names are pipeline.params.ConditionName)
 
 if TYPE_CHECKING:
     from pipeline.eval.plan import PredictionSettings
 
 PromptKind = Literal["question", "context", "retrieval"]
 MemoryKind = Literal["none", "history", "donor", "online"]
-BASE_VARIANT = "base"
 
 
 @dataclass(frozen=True)
@@ -108,14 +110,21 @@ class Condition:
         return tuple(keys)
 
     def unsupported_reason(self, write_mode: str | None) -> str | None:
-        """Why this condition cannot run with an adapter of ``write_mode``, or None.
-
-        ``deltamem_full_context`` writes token by token during ``generate``; the library supports that
-        for TSW and MSW only (SSW writes one update per message and needs the message boundaries).
-        """
-        if self.writes_online and write_mode == "SSW":
-            return "generate(memory_write=True) is not supported for write_mode='SSW' (token writes only)"
+        """Why this condition cannot run with an adapter of ``write_mode``, or None (every condition runs
+        with every write mode; kept so that the planner can skip a unit with a reason)."""
         return None
+
+    def prefills_shared_prefix(self, write_mode: str | None) -> bool:
+        """Whether the questions of a conversation may continue from one prefill of their shared prompt
+        prefix (with ``prefix_cache``).
+
+        Not for SSW writing online: it writes the prompt one message at a time, each write from the mean
+        over ALL the message's tokens, and every prompt token reads the state as it was before the prompt
+        (empty). A prefix prefilled on its own would write the message that straddles the prefix end from
+        part of its tokens and let the rest of the prompt read those writes. So each SSW prompt is read and
+        written in one call, as the reference implementation does.
+        """
+        return self.shares_history_prefix and not (self.writes_online and write_mode == "SSW")
 
     def prompt_builder(
         self,
@@ -163,7 +172,14 @@ class Condition:
             history_tokens += len(encoder.history_ids(hist)[0]) if hist else 0
             source = self.memory_source(key, donors)
             for e, d, m in zip(exs, decs, messages, strict=True):
-                requests.append(Request(e, key, encoder.prompt_ids(m), d, source))
+                ids = encoder.prompt_ids(m)
+                seg = None
+                if self.writes_online:  # the prompt's messages, for an SSW adapter's per-message writes
+                    try:
+                        seg = encoder.prompt_segment_ids(m, ids)
+                    except ValueError:  # not segmentable by message: only SSW needs it (the backend says so)
+                        seg = None
+                requests.append(Request(e, key, ids, d, source, seg))
         truncated = sum(1 for v in builder.truncated.values() if v)
         return ShardRequests(requests, [k for k, _ in groups], history_tokens, truncated)
 

@@ -35,6 +35,7 @@ class Encoder(Protocol):
     def count_tokens(self, text: str) -> int: ...
     def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]: ...
     def history_ids(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]: ...
+    def prompt_segment_ids(self, messages: Sequence[Mapping[str, str]], ids: Sequence[int]) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Request:
         prompt_ids: the generation prompt's token ids.
         decoding: generation settings.
         memory_from: the conversation whose history is written into the state (None: no history state).
+        segment_ids: per prompt token, its message (SSW writes of a condition that writes the prompt online:
+            :meth:`deltamem.chat.ChatFormat.prompt_segment_ids`); None for the other conditions.
     """
 
     example: Example
@@ -54,6 +57,7 @@ class Request:
     prompt_ids: list[int]
     decoding: Decoding
     memory_from: str | None
+    segment_ids: list[int] | None = None
 
 
 @dataclass

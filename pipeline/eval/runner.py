@@ -25,7 +25,7 @@ left-padded batches; for full-context prompts, which share the history as a pref
 conversation, the prefix is prefilled once (KV cache, and for ``deltamem_full_context`` the state after
 the prefix) and the questions continue from copies of it (``prefix_cache``).
 
-Entry point: :func:`run_evaluate` (the ``evaluate`` stage, :mod:`stages.evaluate`). The names other code
+Entry point: :func:`run_evaluate` (the ``evaluate`` stage, :mod:`pipeline.stages.evaluate`). The names other code
 uses are importable from here.
 """
 

@@ -9,8 +9,9 @@ or in a Ray actor. In order:
    once into a batch-1 state (``reuse_state``; otherwise once per question, the naive baseline);
 3. requests are generated in batches of equal decoding settings (:func:`~pipeline.eval.requests.decoding_batches`);
    full-context prompts of one conversation continue from one prefill of their shared prefix
-   (``prefix_cache``), and ``deltamem_full_context`` starts every question from an empty state written
-   online;
+   (``prefix_cache``; not for SSW writing online, see :meth:`Condition.prefills_shared_prefix
+   <pipeline.eval.conditions.Condition.prefills_shared_prefix>`), and ``deltamem_full_context`` starts every
+   question from an empty state written online (SSW: per prompt message, then per generated token);
 4. every answer is scored by the task (:meth:`Task.score_row <pipeline.eval.tasks.base.Task.score_row>`),
    and the shard's cost figures (tokens, writes, peak memory, state and KV bytes) are measured.
 
@@ -140,7 +141,7 @@ class EvalWorker(MemoryBackend):
         run = _Generation(self, cond, s, shard.requests, lambda src: self._history(task, by_conv[src]))
         if cond.writes_history and s.reuse_state:
             run.write_states(shard.conversations)
-        if s.prefix_cache and cond.shares_history_prefix:
+        if s.prefix_cache and cond.prefills_shared_prefix(self.write_mode):
             run.with_prefixes(shard.conversations)
         else:
             run.plain(list(range(len(shard.requests))))
@@ -236,7 +237,10 @@ class _Generation:
                     state = MemoryState.stack(self.backend.write_histories(hists, self.s))
             elif online:
                 state = self.backend.model.new_memory(len(batch))
-            out = self.backend.generate([reqs[i].prompt_ids for i in batch], reqs[batch[0]].decoding, state, online)
+            seg = [reqs[i].segment_ids for i in batch] if online else None
+            out = self.backend.generate(
+                [reqs[i].prompt_ids for i in batch], reqs[batch[0]].decoding, state, online, segment_ids=seg
+            )
             self.results.update(zip(batch, out, strict=True))
 
     def _from_prefix(self, batch: list[int], prefix: tuple[list[int], Any, Any]) -> None:

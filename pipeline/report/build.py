@@ -37,10 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from pipeline.common import atomic_dir
-from pipeline.params import register_section
+from pipeline.params import ClaimSpec, ReportParams
 from pipeline.stats import Interval, PairedComparison, mean_interval, paired_comparison
 
 from .collect import BASE_VARIANT, UnitResult, collect_eval, collect_train
@@ -79,96 +77,9 @@ def separates(deltamem: str, versus: str) -> str:
     return f"{dd} vs {vd} (same questions)"
 
 
-class ClaimSpec(BaseModel):
-    """One claim checked for every δ-mem variant (an item of ``report.claims``).
-
-    Attributes:
-        deltamem: the δ-mem condition claimed to score higher (every evaluated variant is checked).
-        versus: the condition it is compared with: a baseline (variant ``base``) or a δ-mem condition
-            (then the same variant's, e.g. the ``deltamem_shuffled`` control).
-        name: a short name for the report (e.g. ``paper ratio``, ``recall``); default ``deltamem > versus``.
-        tasks: only these tasks (output names); default every task where both conditions were evaluated.
-            A listed task (or a variant) without both conditions is reported as not evaluated.
-        separates: the caption line saying what the comparison isolates (default: :data:`SEPARATES`).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    deltamem: str
-    versus: str
-    name: str | None = None
-    tasks: list[str] | None = None
-    separates: str | None = None
-
-    @field_validator("deltamem", "versus")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from pipeline.eval.conditions import CONDITIONS
-
-        if v not in CONDITIONS:
-            raise ValueError(f"unknown condition {v!r}; known conditions: {', '.join(CONDITIONS)}")
-        return v
-
-    @model_validator(mode="after")
-    def _deltamem(self) -> ClaimSpec:
-        from pipeline.eval.conditions import CONDITIONS
-
-        if not CONDITIONS[self.deltamem].uses_adapter:
-            raise ValueError(f"deltamem: {self.deltamem!r} is not a δ-mem condition")
-        if self.deltamem == self.versus:
-            raise ValueError("deltamem and versus are the same condition")
-        return self
-
-    @property
-    def title(self) -> str:
-        return self.name or f"{self.deltamem} > {self.versus}"
-
-    @property
-    def caption(self) -> str:
-        return self.separates or separates(self.deltamem, self.versus)
-
-
-class ReportParams(BaseModel):
-    """The ``report`` section of params.yaml.
-
-    Attributes:
-        eval_dir / train_dir / models_dir: where the evaluate and train stages wrote their results.
-        out_dir: the report folder (replaced as a whole on every run).
-        reference: the condition ratios are taken against (the frozen backbone without the history).
-        baselines: the non-δ-mem conditions; "best baseline" is the highest-scoring of them per task.
-        controls: δ-mem controls compared against but never claimed (the shuffled-state condition).
-        claims: the claims that head the report (:class:`ClaimSpec`), each checked for every variant.
-        claim: used only when ``claims`` is not given: then the claims are ``claim`` > ``reference`` and
-            ``claim`` > each control.
-        bootstrap / permutations / confidence / seed: the statistics (see :mod:`pipeline.stats`).
-        title: the report's title.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    eval_dir: str = "results/eval"
-    train_dir: str = "results/train"
-    models_dir: str = "models"
-    out_dir: str = "reports"
-    reference: str = "base_no_context"
-    baselines: list[str] = Field(default_factory=lambda: ["base_no_context", "base_full_context", "rag_bm25"])
-    controls: list[str] = Field(default_factory=lambda: ["deltamem_shuffled"])
-    claim: str = "deltamem_only"
-    claims: list[ClaimSpec] | None = None
-    bootstrap: int = Field(default=2000, ge=100)
-    permutations: int = Field(default=10000, ge=100)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
-    seed: int = 0
-    title: str = "δ-mem report"
-
-    def claim_specs(self) -> list[ClaimSpec]:
-        """``claims``, or the ones derived from ``claim``/``reference``/``controls``."""
-        if self.claims is not None:
-            return list(self.claims)
-        return [ClaimSpec(deltamem=self.claim, versus=v) for v in [self.reference, *self.controls] if v != self.claim]
-
-
-register_section("report", ReportParams)
+def caption(spec: ClaimSpec) -> str:
+    """The caption line of a claim: its own ``separates``, else what the comparison isolates."""
+    return spec.separates or separates(spec.deltamem, spec.versus)
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -484,7 +395,7 @@ def claims(a: Analysis, p: ReportParams) -> list[dict[str, Any]]:
                 o = units.get((other_variant, spec.versus, task))
                 row: dict[str, Any] = {
                     "claim": spec.title,
-                    "separates": spec.caption,
+                    "separates": caption(spec),
                     "task": task,
                     "variant": variant,
                     "deltamem": _label(variant, spec.deltamem),

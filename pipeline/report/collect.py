@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.params import BASE_VARIANT
+
 
 class ReportInputError(RuntimeError):
     """Missing or malformed stage outputs, named by path."""
-
-
-BASE_VARIANT = "base"
 
 
 @dataclass

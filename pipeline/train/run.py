@@ -8,7 +8,9 @@ written state / no memory / another episode's state).
 Launchers (``train.launcher``): ``local`` (this process; with ``nproc`` > 1, torchrun on this machine),
 ``torchrun`` (``nproc`` DeepSpeed ZeRO-2 ranks on this machine) and ``ray`` (``nproc`` Ray Train workers,
 :mod:`pipeline.train.ray_train`). Every rank runs :func:`train_variant` → :func:`pipeline.train.trainer.train`
-with its :class:`~pipeline.train.trainer.Backend`. The backbone stage's code is :mod:`pipeline.backbone`.
+with its :class:`~pipeline.train.trainer.Backend`. The backbone stage's code is :mod:`pipeline.backbone`; the ``train`` section's models
+(:class:`~pipeline.params.TrainParams`, :class:`~pipeline.params.OptimParams`,
+:class:`~pipeline.params.RayTrainParams`) are in :mod:`pipeline.params`.
 """
 
 from __future__ import annotations
@@ -18,112 +20,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from pipeline.backbone import BackboneParams, InputError, check_backbone_folder, resolve_backbone
+from pipeline.backbone import InputError, check_backbone_folder, resolve_backbone
 from pipeline.common import atomic_write_json, pad_token_id, torch_dtype
-from pipeline.params import register_section
-
-
-class OptimParams(BaseModel):
-    """``train.optim``: fields of :class:`pipeline.train.trainer.TrainConfig`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(70, ge=1)
-    batch_size: int = Field(1, ge=1)
-    grad_accum: int = Field(32, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: str = "cosine"
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    beta_sparsity_weight: float = Field(0.01, ge=0)
-    beta_sparsity_target: float = Field(0.05, ge=0, le=1)
-    seed: int = 0
-    checkpoint_every: int = Field(0, ge=0)
-    keep_checkpoints: int = Field(2, ge=1)
-    deterministic: bool = True
-    gradient_checkpointing: bool = False  # δ-mem-aware: recompute backbone layers in backward (long writes)
-
-
-class RayTrainParams(BaseModel):
-    """``train.ray``: Ray Train's ``ScalingConfig`` for ``launcher: ray`` (``num_workers`` = ``train.nproc``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    address: str | None = None  # None: RAY_ADDRESS, else a local loopback-only Ray started for the stage
-    use_gpu: bool | Literal["auto"] = "auto"  # auto: when train.device is not cpu and the cluster has GPUs
-    resources_per_worker: dict[str, float] = Field(default_factory=dict)  # e.g. {CPU: 4, GPU: 1}
-
-
-class TrainParams(BaseModel):
-    """``train``: data, lengths, the δ-mem config shared by all variants, per-variant overrides, optimiser."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backbone: str = "models/backbone"
-    data_dir: str = "data/prepared"
-    dataset: str = "synthetic"
-    train_split: str = "train"
-    validation_split: str = "validation"
-    limit_train: int | None = Field(None, ge=1)
-    limit_validation: int = Field(64, ge=0)
-    write_length: int = Field(8192, ge=1)
-    read_length: int = Field(512, ge=1)
-    device: str = "auto"
-    attn_implementation: str = "auto"  # auto | eager | sdpa | flash_attention_2 (deltamem.backbones)
-    threads: int | None = Field(None, ge=1)
-    resume: str = "auto"
-    # processes / Ray Train workers; "auto": the visible GPUs (CPU: 1) with grad_accum divided among them
-    nproc: int | Literal["auto"] = 1
-    launcher: Literal["local", "torchrun", "ray"] = "local"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the frozen backbone; auto: bf16 on CUDA
-    storage_path: str = ".deltamem/ray-train"  # launcher ray: checkpoints (a folder, or s3://, gs://, …)
-    ray: RayTrainParams = Field(default_factory=lambda: RayTrainParams())
-    deltamem: dict[str, Any] = Field(default_factory=dict)
-    variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"TSW": {"write_mode": "TSW"}})
-    optim: OptimParams = Field(default_factory=OptimParams)
-
-    @field_validator("attn_implementation")
-    @classmethod
-    def _attn(cls, v: str) -> str:
-        from deltamem.backbones import check_attn_implementation
-
-        return check_attn_implementation(v)
-
-    @field_validator("nproc", mode="before")
-    @classmethod
-    def _nproc(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError(f"nproc {v!r}; expected an integer >= 1 or 'auto'")
-
-    def global_batch(self, nproc: int | None = None) -> int:
-        """Episodes per optimiser step: batch_size × grad_accum × nproc; under ``nproc: auto`` grad_accum is
-        the single-process value, divided among the processes, so the global batch is batch_size × grad_accum."""
-        if self.nproc == "auto":
-            return self.optim.batch_size * self.optim.grad_accum
-        return self.optim.batch_size * self.optim.grad_accum * (nproc or self.nproc)
-
-    @field_validator("resume")
-    @classmethod
-    def _resume(cls, v: str) -> str:
-        if v not in ("auto", "never"):
-            raise ValueError(f"resume {v!r}; allowed: auto, never")
-        return v
-
-    def deltamem_config(self, variant: str):
-        from deltamem import DeltaMemConfig
-
-        if variant not in self.variants:
-            raise ValueError(f"unknown variant {variant!r}; train.variants has: {', '.join(self.variants)}")
-        return DeltaMemConfig.from_dict({**self.deltamem, **self.variants[variant]})
-
-
-register_section("train", TrainParams)
+from pipeline.params import BackboneParams, OptimParams, RayTrainParams, TrainParams
 
 
 def resolve_device(name: str):
@@ -255,6 +156,9 @@ def for_processes(p: TrainParams, n: int) -> TrainParams:
     if accum % n:
         raise InputError(f"train.nproc auto with {n} processes: train.optim.grad_accum={accum} is not divisible by {n}")
     return p.model_copy(update={"nproc": n, "optim": p.optim.model_copy(update={"grad_accum": accum // n})})
+
+
+__all__ = ["BackboneParams", "InputError", "OptimParams", "RayTrainParams", "TrainParams"]
 
 
 def _log(message: str) -> None:

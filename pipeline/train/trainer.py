@@ -24,50 +24,28 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from deltamem import DeltaMemConfig, attach_delta_mem, load_adapter
 from deltamem.adapter import save_adapter
 from pipeline.common import atomic_write_json, ordinary_permissions
 from pipeline.data.tokenize import IGNORE_INDEX, PackedExample
+from pipeline.params import OptimParams
 
 CKPT_PREFIX = "step-"
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation settings (the paper's defaults; the embedded preset scales them down)."""
+class TrainConfig(OptimParams):
+    """The trainer's settings: ``train.optim`` (:class:`pipeline.params.OptimParams`, where every
+    optimisation field is defined once) plus how often ``on_step`` is called."""
 
-    steps: int = 70
-    batch_size: int = 1  # episodes per micro-batch
-    grad_accum: int = 32  # micro-batches per optimizer step (global batch = batch_size × grad_accum × ranks)
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # cosine | linear | constant
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    beta_sparsity_weight: float = 0.01
-    beta_sparsity_target: float = 0.05
-    seed: int = 0
-    checkpoint_every: int = 0  # 0 = only the final adapter
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    deterministic: bool = True
-    gradient_checkpointing: bool = False  # recompute the backbone's layers in backward (long writes)
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"train.schedule={self.schedule!r}; allowed: cosine, linear, constant")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}; expected an integer >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio={self.warmup_ratio!r}; expected 0 <= value < 1")
+    log_every: int = Field(1, ge=1)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -241,7 +219,14 @@ def run_fingerprint(
 ) -> dict[str, Any]:
     """What a checkpoint must have been written with to be resumed (JSON-normalised)."""
     return json.loads(
-        json.dumps({"deltamem": config.to_dict(), "train": asdict(cfg), "episodes": n_episodes, **(extra or {})})
+        json.dumps(
+            {
+                "deltamem": config.to_dict(),
+                "train": cfg.model_dump(mode="json"),
+                "episodes": n_episodes,
+                **(extra or {}),
+            }
+        )
     )
 
 

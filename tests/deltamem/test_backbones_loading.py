@@ -103,7 +103,6 @@ def test_the_value_reaches_the_model_config(tiny_folder, no_flash_attn, asked, e
 def test_params_sections_and_chat_take_the_value():
     from deltamem.cli import build_parser
     from pipeline.eval.runner import EvalParams
-    from pipeline.params import ParamsError  # noqa: F401  (registers the sections)
     from pipeline.train.run import BackboneParams, TrainParams
 
     for model in (BackboneParams, TrainParams, EvalParams):
@@ -221,8 +220,8 @@ def _one_error_line(text: str) -> str:
 
 def test_stages_and_chat_exit_2_with_one_line(tmp_path, capsys, no_network):
     from deltamem.cli import main as chat_main
-    from stages.backbone import main as backbone_main
-    from stages.train import main as train_main
+    from pipeline.stages.backbone import main as backbone_main
+    from pipeline.stages.train import main as train_main
 
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -239,7 +238,7 @@ def test_stages_and_chat_exit_2_with_one_line(tmp_path, capsys, no_network):
 
 
 def test_prepare_tokenizer_exits_2_with_one_line(tmp_path, capsys, no_network):
-    from stages.prepare import main as prepare_main
+    from pipeline.stages.prepare import main as prepare_main
 
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -303,7 +302,7 @@ def test_every_stage_passes_attn_implementation_to_the_one_loader(tmp_path, monk
 
 
 def test_evaluate_stage_exits_2_on_a_missing_backbone(tmp_path, capsys, no_network):
-    from stages.evaluate import main as evaluate_main
+    from pipeline.stages.evaluate import main as evaluate_main
 
     params = tmp_path / "params.yaml"
     params.write_text("evaluate: {backbone: ../models/none, workers: 0}\n")

@@ -67,6 +67,18 @@ def test_qwen3_hybrid_prompt_closes_an_empty_thinking_block():
     assert thinking.endswith("<|im_start|>assistant\n")  # the template's own thinking default, on request
 
 
+def test_qwen3_instruct_2507_prompt_has_no_thinking_block_at_all():
+    """The non-thinking-only Qwen3-4B-Instruct-2507 template: the generation prompt is the bare assistant
+    header, whatever the thinking switch says (the template has none)."""
+    tok = standin_tokenizer("qwen3-instruct-2507")
+    assert "enable_thinking" not in chat_template("qwen3-instruct-2507")
+    for thinking in (False, True):
+        fmt = ChatFormat(tok, ChatSettings(thinking=thinking))
+        text = fmt.render(read_messages(EXAMPLE), add_generation_prompt=True)
+        assert text.endswith("<|im_start|>user\nWhere does Rosalind live?<|im_end|>\n<|im_start|>assistant\n"), text
+        assert "<think>" not in text
+
+
 def test_smollm3_no_think_no_date_no_persona_unless_asked():
     tok = standin_tokenizer("smollm3")
     msgs = read_messages(EXAMPLE)
@@ -102,6 +114,37 @@ def test_history_is_the_same_tokens_everywhere(family):
     for m in hist[1:]:
         one_by_one += fmt.encode(fmt.message_pieces([anchor, m])[1])
     assert one_by_one == train_ids
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompt_segments_are_the_training_write_segments(family):
+    """SSW writing a prompt it reads (deltamem_full_context): one segment per non-system message, with the
+    token spans training's WRITE segmentation gives the same messages; system prompt and generation prompt
+    are not written (−1)."""
+    fmt = ChatFormat(standin_tokenizer(family))
+    msgs = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "I live in Tallinn."},
+        {"role": "assistant", "content": "Nice city!"},
+        {"role": "user", "content": "Where do I live?"},
+    ]
+    for messages in (msgs[:2], msgs):
+        ids = fmt.prompt_ids(messages)
+        seg = fmt.prompt_segment_ids(messages, ids)
+        write_ids, write_seg = fmt.encode_messages(messages)
+        assert len(seg) == len(ids) and ids[: len(write_ids)] == write_ids
+        assert seg[: len(write_ids)] == [s - 1 for s in write_seg]  # message 0 is the system prompt: −1
+        assert set(seg[len(write_ids) :]) == {-1} and len(ids) > len(write_ids)  # the generation prompt
+        assert sorted(set(seg) - {-1}) == list(range(len(messages) - 1))
+
+
+def test_prompt_segments_refuse_a_template_that_renders_messages_in_context():
+    tok = standin_tokenizer("llama")
+    tok.chat_template = "{% for m in messages %}[{{ messages | length }}]{{ m.content }}{% endfor %}"
+    msgs = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    fmt = ChatFormat(tok)
+    with pytest.raises(ValueError):
+        fmt.prompt_segment_ids(msgs, fmt.prompt_ids(msgs))
 
 
 def test_templates_are_the_published_files():

@@ -16,7 +16,7 @@ from tests.fixtures import families
 # hub id → (stand-in family, fallback while tests/fixtures lacks the family's template)
 PRESET_FAMILIES: dict[str, tuple[str, str | None]] = {
     "Qwen/Qwen3-8B": ("qwen3", None),
-    "Qwen/Qwen3-4B-Instruct-2507": ("qwen3-instruct-2507", "qwen3"),
+    "Qwen/Qwen3-4B-Instruct-2507": ("qwen3-instruct-2507", None),
     "HuggingFaceTB/SmolLM3-3B": ("smollm3", None),
 }
 MAX_POSITIONS = 16384  # the presets write 8192 tokens and read 512; byte-level tokens make texts long

@@ -51,30 +51,6 @@ OVERRIDES: list[Override] = [
 ]
 
 
-@dataclass(frozen=True)
-class Gap:
-    """A planned (variant, condition) that the code under test does not run yet: not required of a preset."""
-
-    write_mode: str
-    condition: str
-    why: str
-
-
-KNOWN_GAPS: list[Gap] = [
-    # pipeline/eval/conditions.py: "generate(memory_write=True) is not supported for write_mode='SSW'", so every
-    # preset's claimed condition (deltamem_full_context) is skipped for SSW and SSW has no claim: workaround
-    # issue 11 item 9 (h-report: the paper's ratio and recall for every variant)
-    Gap("SSW", "deltamem_full_context", "workaround issue 11 item 9: SSW cannot write online during generation"),
-]
-
-
-def known_gap(variant_config: dict[str, Any], condition: str) -> Gap | None:
-    for gap in KNOWN_GAPS:
-        if variant_config.get("write_mode") == gap.write_mode and condition == gap.condition:
-            return gap
-    return None
-
-
 _STEP = re.compile(r"([^.\[\]]+)|\[(\*|[^=\]]+=[^\]]+)\]")
 
 

@@ -24,13 +24,13 @@ if _os.environ.get("{ENV}"):
 
 # what a process's command line contains → the kind of process
 KINDS = {
-    "stages.prepare": "prepare",
-    "stages.backbone": "backbone",
-    "stages.train": "train",
+    "pipeline.stages.prepare": "prepare",
+    "pipeline.stages.backbone": "backbone",
+    "pipeline.stages.train": "train",
     "pipeline.train.distributed": "torchrun worker",
-    "stages.evaluate": "evaluate",
+    "pipeline.stages.evaluate": "evaluate",
     "default_worker.py": "ray worker",
-    "stages.report": "report",
+    "pipeline.stages.report": "report",
 }
 
 

@@ -1,7 +1,7 @@
 """Fault injection on every stage's inputs, probed as a new user would: each corrupt input is one line on
 stderr naming the file (and key), exit status 2, no traceback, and no work started.
 
-Complements tests/pipeline/eval_runner/test_faults.py (corrupt adapters, splits, backbone weights, full
+Complements tests/pipeline/eval/test_faults.py (corrupt adapters, splits, backbone weights, full
 disk, killed evaluation) with the other corruptions: the params file itself (empty, a directory, a symlink
 loop, not UTF-8, a huge line, no permission), a wrong type in every key of every section, the manifest, a
 directory or a missing file where a file is expected, and a symlink loop in an artefact.
@@ -18,21 +18,21 @@ import pytest
 import yaml
 
 import pipeline.eval.runner as runner
-import stages.backbone
-import stages.evaluate
-import stages.prepare
-import stages.report
-import stages.train
-from tests.pipeline.eval_runner.test_stage import write_params
+import pipeline.stages.backbone
+import pipeline.stages.evaluate
+import pipeline.stages.prepare
+import pipeline.stages.report
+import pipeline.stages.train
+from tests.pipeline.stages.test_evaluate import write_params
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text())
 STAGES = {
-    "prepare": (stages.prepare, "prepare"),
-    "backbone": (stages.backbone, "prepare_backbone"),
-    "train": (stages.train, "run_train"),
-    "evaluate": (stages.evaluate, "run_evaluate"),
-    "report": (stages.report, "run_report"),
+    "prepare": (pipeline.stages.prepare, "prepare"),
+    "backbone": (pipeline.stages.backbone, "prepare_backbone"),
+    "train": (pipeline.stages.train, "run_train"),
+    "evaluate": (pipeline.stages.evaluate, "run_evaluate"),
+    "report": (pipeline.stages.report, "run_report"),
 }
 
 
@@ -292,6 +292,6 @@ def test_a_damaged_backbone_folder_stops_training_in_one_line(damage, nproc, eva
         (backbone / "tokenizer.json").write_text("")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train": {"backbone": "models/backbone", "limit_validation": 0, "nproc": nproc}}))
-    monkeypatch.setattr(stages.train.subprocess, "call", _no_work)  # no torchrun either
+    monkeypatch.setattr(pipeline.stages.train.subprocess, "call", _no_work)  # no torchrun either
     code, line = run_stage("train", params, capsys, monkeypatch, guard=False)
     assert code == 2 and str(backbone) in line, line

@@ -41,7 +41,8 @@ def workspace(root: Path, tokenizer) -> Path:
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CMD = [
     sys.executable,
-    str(REPO / "stages" / "train.py"),
+    "-m",
+    "pipeline.stages.train",
     "--params",
     "params.yaml",
     "--variant",

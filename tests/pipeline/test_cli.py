@@ -15,7 +15,7 @@ from pipeline import cli
 
 REPO = Path(__file__).resolve().parents[2]
 VERBS = ["chat", "prepare", "backbone", "train", "eval", "report", "submit"]
-# options each verb's --help must list (the stage scripts' options, for the delegating verbs)
+# options each verb's --help must list (the stage modules' options, for the delegating verbs)
 OPTIONS = {
     "chat": ["--backbone", "--adapter", "--script", "--session", "--system", "--max-new-tokens", "--dtype"],
     "prepare": ["--params", "--out", "--no-tracking"],
@@ -107,14 +107,14 @@ def test_stage_verbs_delegate_to_the_stage_mains(verb, script, monkeypatch):
     assert calls == [script, (["--params", "p.yaml", "--no-tracking"], f"deltamem {verb}")]
 
 
-def test_stage_mains_are_the_scripts_mains():
+def test_stage_mains_are_the_stage_modules_mains():
     train = cli.load_stage("train")
-    assert Path(train.__file__) == REPO / "stages" / "train.py"
+    assert Path(train.__file__) == REPO / "pipeline" / "stages" / "train.py"
     assert cli.stage_main("evaluate") is cli.load_stage("evaluate").main
 
 
 def test_train_runs_the_stage_main_for_real(tmp_path, capsys):
-    """Bad params give the stage's own error and exit status 2 (no mock: the real stages/train.py main)."""
+    """Bad params give the stage's own error and exit status 2 (no mock: the real pipeline.stages.train main)."""
     code = cli.main(["train", "--variant", "TSW", "--params", str(tmp_path / "missing.yaml"), "--no-tracking"])
     assert code == 2
     assert "error" in capsys.readouterr().err

@@ -126,7 +126,7 @@ def test_dockerfile_uses_the_clients_ray():
 def test_job_entrypoint_marks_dvc_no_scm_without_git():
     assert sub.job_entrypoint("dvc repro") == "dvc config --local core.no_scm true && dvc repro"
     assert sub.job_entrypoint("dvc repro", with_git=True) == "dvc repro"
-    assert sub.job_entrypoint("python stages/evaluate.py") == "python stages/evaluate.py"
+    assert sub.job_entrypoint("python -m pipeline.stages.evaluate") == "python -m pipeline.stages.evaluate"
     once = sub.job_entrypoint("dvc repro")
     assert sub.job_entrypoint(once) == once
     with pytest.raises(ValueError):
@@ -155,7 +155,7 @@ def test_address_from_env(monkeypatch):
     [
         [],
         ["--no-wait", "--gpus", "1", "--env", "MLFLOW_TRACKING_URI=http://m:5000", "--", "dvc", "repro", "evaluate"],
-        ["--with-git", "--address", "http://h:1", "--", "python", "stages/evaluate.py", "--no-tracking"],
+        ["--with-git", "--address", "http://h:1", "--", "python", "-m", "pipeline.stages.evaluate", "--no-tracking"],
     ],
 )
 def test_submit_sh_is_the_python_command(args):

@@ -1,6 +1,6 @@
 """dvc.yaml's dependencies are exact: each stage depends on the project code it runs and on its raw data.
 
-The project modules a stage runs are derived from its command: the entry module (``python -m stages.X``),
+The project modules a stage runs are derived from its command: the entry module (``python -m pipeline.stages.X``),
 then every ``import`` / ``from ... import`` reachable from it (lazy imports inside functions included,
 package ``__init__`` files included), plus modules launched by name (``"-m", "pipeline.train.distributed"``
 for torchrun workers). Every such file must lie under one of the stage's deps (a changed module must
@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("deltamem", "pipeline", "stages")
-_MODULE = re.compile(r"(deltamem|pipeline|stages)(\.\w+)+")
+PACKAGES = ("deltamem", "pipeline")
+_MODULE = re.compile(r"(deltamem|pipeline)(\.\w+)+")
 NON_PYTHON = {"train": {"cluster/deepspeed/zero2.json"}}  # read by path (pipeline.train.distributed)
 
 
@@ -84,9 +84,9 @@ def closure(entry: str) -> set[Path]:
 
 
 def stage_entry(cmd: str) -> str:
-    m = re.search(r"python\s+-m\s+([\w.]+)", cmd) or re.search(r"python\s+(stages/\w+)\.py", cmd)
+    m = re.search(r"python\s+-m\s+([\w.]+)", cmd)
     assert m, f"cannot find the entry point in {cmd!r}"
-    return m.group(1).replace("/", ".")
+    return m.group(1)
 
 
 def stages() -> dict[str, dict]:
@@ -165,7 +165,7 @@ def test_train_stage_params_match_the_params_files(params_file):
 def test_prepare_warns_about_sources_dvc_cannot_see(tmp_path, capsys):
     """A local source outside data/raw is not a dependency: the stage says so (once per source), and runs."""
     from pipeline.params import PrepareParams
-    from stages.prepare import sources_outside_raw
+    from pipeline.stages.prepare import sources_outside_raw
 
     (tmp_path / "data" / "raw" / "locomo").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()

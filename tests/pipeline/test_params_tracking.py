@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel
 
 from pipeline import tracking
-from pipeline.params import ParamsError, PrepareParams, load_params, load_section, register_section
+from pipeline.params import ParamsError, PrepareParams, load_params, load_section
 
 
 def _write(tmp_path, text: str):
@@ -41,15 +40,6 @@ prepare:
     assert qasper.split_names() == ["train", "validation", "test"] and not qasper.enabled
     assert load_section(path, "other_stage") == {"lr": 0.1}  # sections without a model come back raw
     assert set(load_params(path)) == {"other_stage", "prepare"}
-
-
-def test_other_stages_can_register_their_section(tmp_path):
-    class Train(BaseModel):
-        lr: float
-
-    register_section("train_test_only", Train)
-    path = _write(tmp_path, "train_test_only: {lr: 0.5}\n")
-    assert load_section(path, "train_test_only").lr == 0.5
 
 
 @pytest.mark.parametrize(

@@ -22,11 +22,11 @@ __all__ = [
     "delta_rule",
     "delta_rule_chunk",
     "delta_rule_decode",
-    "delta_rule_decode_packed",
     "delta_rule_naive",
     "delta_rule_step",
     "delta_rule_step_packed",
     "fused_available",
+    "resolve_backend",
 ]
 
 
@@ -54,6 +54,11 @@ def _resolve(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend a call with ``backend`` on tensors like ``x`` runs: naive, chunk or fused."""
+    return _resolve(backend, x)
+
+
 def delta_rule_decode(
     state: torch.Tensor,
     q: torch.Tensor,
@@ -71,27 +76,6 @@ def delta_rule_decode(
 
         return delta_rule_step_fused(state, q, k, v, keep, erase, write, valid)
     return delta_rule_step(state, q, k, v, keep, erase, write, valid)
-
-
-def delta_rule_decode_packed(
-    state: torch.Tensor,
-    qk: torch.Tensor,
-    v: torch.Tensor,
-    keep: torch.Tensor,
-    erase: torch.Tensor,
-    write: torch.Tensor,
-    valid: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token with q and k packed as ``qk`` [B, H, r, 2]: the fused launch on CUDA (``fused``), else the
-    lean PyTorch step (:mod:`.step`, a few ops, no host sync: what ``torch.compile``/CUDA graphs want)."""
-    if backend == "naive":  # the reference step
-        return delta_rule_step(state, qk[..., 0], qk[..., 1], v, keep, erase, write, valid)
-    if _resolve(backend, qk) == "fused":
-        from .fused import delta_rule_step_fused
-
-        return delta_rule_step_fused(state, qk[..., 0], qk[..., 1], v, keep, erase, write, valid)
-    return delta_rule_step_packed(state, qk, v, keep, erase, write, valid)
 
 
 def delta_rule(

@@ -35,24 +35,15 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pipeline.data.schema import Example, Segment
 from pipeline.data.tokenize import RenderConfig, write_messages
+from pipeline.params import DECODING_MODES, SCORINGS, DecodingMode, check_scoring  # noqa: F401  (defined once, there)
 
 Message = dict[str, str]
-DecodingMode = Literal["greedy", "paper"]
-DECODING_MODES: tuple[str, ...] = ("greedy", "paper")
-SCORINGS: tuple[str, ...] = ("official", "delta-mem")
 # bump when a scoring rule changes: stored predictions are then re-scored (not regenerated)
 SCORING_VERSION = 2
-
-
-def check_scoring(scoring: str) -> str:
-    """``scoring`` if it names a protocol, else ``ValueError`` listing the known ones."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"unknown scoring {scoring!r}; known: {', '.join(SCORINGS)}")
-    return scoring
 
 
 def scoring_id(scoring: str) -> str:

@@ -168,7 +168,7 @@ def test_the_reader_option_names_the_mapping(tmp_path):
 
 
 def _stage(tmp_path: Path, entry: dict, capsys) -> tuple[int, list[str]]:
-    from stages.prepare import main
+    from pipeline.stages.prepare import main
 
     params = tmp_path / "params.yaml"
     params.write_text(

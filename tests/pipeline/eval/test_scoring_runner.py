@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pipeline.data.schema import Example, write_split
 from pipeline.eval.runner import EvalInputError, EvalParams, TaskEntry, plan, run_evaluate
 from pipeline.eval.tasks import scoring_id
-from tests.pipeline.eval_runner.conftest import tiny_backbone
+from tests.pipeline.eval.conftest import tiny_backbone
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.params import ParamsError, load_section
 from pipeline.report import ReportParams, paired_comparison, run_report
-from pipeline.report.build import NA, ClaimSpec, mlflow_payload
+from pipeline.report.build import NA, ClaimSpec, caption, mlflow_payload
 
 REPO = Path(__file__).resolve().parents[3]
 PAPER_CLAIMS = [
@@ -99,9 +99,9 @@ def test_default_claims_follow_claim_reference_and_controls():
         ("deltamem_only", "base_no_context"),
         ("deltamem_only", "deltamem_shuffled"),
     ]
-    assert "not separated" in specs[0].caption and "recall from the memory" in specs[1].caption
+    assert "not separated" in caption(specs[0]) and "recall from the memory" in caption(specs[1])
     own = ClaimSpec(deltamem="deltamem_only", versus="rag_bm25", separates="my words")
-    assert own.caption == "my words" and own.title == "deltamem_only > rag_bm25"
+    assert caption(own) == "my words" and own.title == "deltamem_only > rag_bm25"
 
 
 def test_a_claim_limited_to_tasks_reports_a_listed_task_it_cannot_check(three_variants: Path):
@@ -196,7 +196,7 @@ def test_undefined_ratios_are_na_in_mlflow(both_zero: Path, mlflow_env, capsys):
     import mlflow
 
     from pipeline import tracking
-    from stages.report import main
+    from pipeline.stages.report import main
 
     assert main(["--params", str(both_zero / "params.yaml")]) == 0
     assert "ratio n/a" in capsys.readouterr().out

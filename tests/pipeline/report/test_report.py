@@ -201,7 +201,7 @@ def test_missing_or_bad_inputs_name_the_file(results_tree: Path, tmp_path_factor
 
 
 def test_report_stage_cli_without_tracking(results_tree: Path, capsys):
-    from stages.report import main
+    from pipeline.stages.report import main
 
     params = results_tree / "params.yaml"
     params.write_text("report: {bootstrap: 200, permutations: 200}\n")

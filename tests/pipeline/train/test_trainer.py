@@ -37,7 +37,7 @@ def test_schedule_shapes():
     assert [round(f(s), 3) for s in (0, 1)] == [0.5, 1.0]
     assert f(2) == pytest.approx(1.0) and f(9) < 0.1
     assert lr_lambda(TrainConfig(steps=10, warmup_ratio=0.0, schedule="linear"))(5) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match=r"train\.schedule"):
+    with pytest.raises(ValueError, match=r"schedule 'exp'; allowed: cosine, linear, constant"):
         TrainConfig(schedule="exp")
 
 

@@ -1,4 +1,4 @@
-"""``stages/evaluate.py``: params → results/eval and the MLflow runs (parent + one nested run per unit)."""
+""":mod:`pipeline.stages.evaluate`: params → results/eval and the MLflow runs (parent + one nested run per unit)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from stages.evaluate import main
+from pipeline.stages.evaluate import main
 
 
 def write_params(path, root, out, **overrides) -> None:

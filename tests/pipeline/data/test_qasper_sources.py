@@ -15,7 +15,7 @@ from pipeline.data.qasper import PAPER_GLOBAL_BATCH, PAPER_STEPS, recipe_stats
 
 from .qasper_fixtures import corpus, write_parquet_conversion, write_release
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SPLITS = ("train", "validation", "test")
 
 

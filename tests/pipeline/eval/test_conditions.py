@@ -1,4 +1,4 @@
-"""Conditions, prompts and params of the evaluation runner (no model)."""
+"""Conditions, prompts and params of the evaluation runner (no model), and SSW writing online on a tiny model."""
 
 from __future__ import annotations
 
@@ -42,9 +42,14 @@ def test_the_six_conditions():
         "deltamem_full_context",
         "deltamem_shuffled",
     ]
-    assert unsupported_reason(CONDITIONS["deltamem_full_context"], "SSW")
-    assert unsupported_reason(CONDITIONS["deltamem_full_context"], "TSW") is None
-    assert unsupported_reason(CONDITIONS["deltamem_only"], "SSW") is None
+    for name in CONDITIONS:  # every condition runs with every write mode (SSW writes online per message)
+        for mode in ("TSW", "SSW", "MSW"):
+            assert unsupported_reason(CONDITIONS[name], mode) is None, (name, mode)
+    # SSW writing online reads and writes each prompt in one call: no shared-prefix prefill
+    full = CONDITIONS["deltamem_full_context"]
+    assert not full.prefills_shared_prefix("SSW")
+    assert full.prefills_shared_prefix("TSW") and full.prefills_shared_prefix("MSW")
+    assert CONDITIONS["base_full_context"].prefills_shared_prefix(None)
     with pytest.raises(KeyError, match="known conditions"):
         get_condition("nope")
 
@@ -147,3 +152,83 @@ def test_where_each_condition_takes_its_memory_from():
         "base_full_context",
         "deltamem_full_context",
     ]
+
+
+def test_ssw_full_context_writes_each_prompt_message_then_each_generated_token(eval_root, worker, tmp_path):
+    """SSW × deltamem_full_context as the reference implementation runs it: a fresh state per question; the
+    prompt (system + user turn with history and question) read and written in one call, one write per
+    non-system message from the mean of its tokens (system prompt and generation prompt not written), every
+    prompt token reading the empty state; then each generated token fed back is written on its own. The
+    batched backend path equals that loop written out plainly, token by token, for each question alone."""
+    import torch
+
+    from deltamem.attach import cache_kwarg
+    from pipeline.data.schema import read_split
+    from pipeline.eval.plan import PredictionSettings
+
+    from .conftest import make_params
+
+    worker.use_adapter(str(eval_root / "models" / "SSW" / "adapter"))
+    model, fmt = worker.model, worker.fmt
+    assert model.delta_mem.config.write_mode == "SSW"
+    cond, task = get_condition("deltamem_full_context"), get_task("synthetic")
+    groups = group_conversations(read_split(eval_root / "data" / "prepared" / "synthetic" / "test.jsonl"))[:2]
+    settings = PredictionSettings.from_params(make_params(tmp_path, max_new_tokens_cap=5))
+    window = worker.max_positions
+    reqs = cond.build_requests(task, groups, settings, worker, window, {}).requests
+    assert len(reqs) == 4 and len({len(r.prompt_ids) for r in reqs}) > 1  # left padding is exercised
+    decoding = reqs[0].decoding
+    assert all(r.decoding == decoding for r in reqs) and not decoding.do_sample
+
+    # the prompts' messages, and their segments computed here the plain way: system → −1, the user turn → 0,
+    # the generation prompt → −1
+    builder = cond.prompt_builder(task, worker.count_tokens, lambda m: len(worker.prompt_ids(m)), window, 50, 10)
+    messages = [m for key, exs in groups for m in builder.conversation_messages(key, exs, decoding.max_new_tokens)]
+    for r, msgs in zip(reqs, messages, strict=True):
+        assert [m["role"] for m in msgs] == ["system", "user"] and r.prompt_ids == worker.prompt_ids(msgs)
+        n_sys = len(fmt.encode(fmt.render(msgs[:1])))
+        n_user = len(fmt.encode(fmt.render(msgs)))
+        assert r.segment_ids == [-1] * n_sys + [0] * (n_user - n_sys) + [-1] * (len(r.prompt_ids) - n_user)
+
+    # the backend: one left-padded batch, the prompt by segments, decoding by tokens
+    state = model.new_memory(len(reqs))
+    got = worker.generate(
+        [r.prompt_ids for r in reqs], decoding, state, write=True, segment_ids=[r.segment_ids for r in reqs]
+    )
+
+    eos = worker.tokenizer.eos_token_id
+    for i, r in enumerate(reqs):
+        ref = model.new_memory(1)
+        with torch.no_grad():
+            out = model(
+                input_ids=torch.tensor([r.prompt_ids]),
+                memory=ref,
+                memory_write=True,
+                segment_ids=torch.tensor([r.segment_ids]),
+                use_cache=True,
+            )
+            tokens: list[int] = []
+            while True:
+                tok = int(out.logits[0, -1].argmax())
+                tokens.append(tok)
+                if tok == eos or len(tokens) == decoding.max_new_tokens:
+                    break  # the last token is never fed back (nor written)
+                out = model(
+                    input_ids=torch.tensor([[tok]]),
+                    **{cache_kwarg(model): out.past_key_values},
+                    memory=ref,
+                    memory_write=True,
+                    use_cache=True,
+                )
+        assert got[i] == (worker.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)), i
+        row = state.select(i)
+        for layer, s in ref.layers.items():
+            torch.testing.assert_close(row.layers[layer], s, rtol=1e-4, atol=1e-5)
+        assert all(float(s.abs().max()) > 0 for s in ref.layers.values())  # it wrote (no-write: all zero)
+
+        # the message segments matter: writing the prompt token by token gives another state
+        tokenwise = model.new_memory(1)
+        worker.generate([r.prompt_ids], decoding, tokenwise, write=True)
+        assert any(not torch.allclose(tokenwise.layers[k], s, atol=1e-4) for k, s in ref.layers.items()), (
+            "segment writes equal token writes"
+        )

@@ -32,9 +32,8 @@ def test_every_condition_end_to_end(full_run):
     out, summary = full_run
     expected = {f"base/{c}" for c in ("base_no_context", "base_full_context", "rag_bm25")}
     expected |= {f"{v}/{c}" for v in ("TSW", "SSW") for c in DEFAULT_CONDITIONS if c.startswith("deltamem")}
-    expected.discard("SSW/deltamem_full_context")  # token writes during generate: TSW/MSW only
-    assert set(summary.metrics) == expected
-    assert list(summary.skipped_units) == ["SSW/deltamem_full_context/synthetic"]
+    assert set(summary.metrics) == expected  # SSW/deltamem_full_context too (writes per prompt message)
+    assert list(summary.skipped_units) == []
     combined = json.loads((out / "metrics.json").read_text())
     assert set(combined) == expected
     for unit in expected:
@@ -89,6 +88,12 @@ def test_prefix_cache_gives_the_same_answers_with_fewer_tokens(full_run, eval_ro
         cached = summary.metrics[unit]["synthetic"]
         assert cached["cost/prefix_tokens_reused"] > 0
         assert cached["cost/forward_tokens"] < plain.metrics[unit]["synthetic"]["cost/forward_tokens"]
+    # SSW writing online reads and writes each prompt in one call: nothing reused, the same answers either way
+    ssw = make_params(tmp_path / "ssw", variants=["SSW"], conditions=["deltamem_full_context"], prefix_cache=False)
+    run_evaluate(ssw, eval_root, log_mlflow=False, progress=False, worker=worker)
+    unit = "SSW/deltamem_full_context/synthetic"
+    assert predictions(tmp_path / "ssw", unit) == predictions(out, unit)
+    assert summary.metrics["SSW/deltamem_full_context"]["synthetic"]["cost/prefix_tokens_reused"] == 0
 
 
 def test_a_task_without_history(eval_root, worker, tmp_path):
@@ -116,9 +121,9 @@ def test_truncated_window(eval_root, worker, tmp_path):
 
 def test_resume_skips_finished_shards_and_a_setting_change_recomputes(full_run, eval_root, worker):
     out, first = full_run
-    assert first.reused == [] and len(first.computed) == 16  # 8 units × 2 shards
+    assert first.reused == [] and len(first.computed) == 18  # 9 units × 2 shards
     again = run_evaluate(make_params(out), eval_root, log_mlflow=False, progress=False, worker=worker)
-    assert again.computed == [] and len(again.reused) == 16
+    assert again.computed == [] and len(again.reused) == 18
     assert (
         again.metrics["TSW/deltamem_only"]["synthetic"]["em"] == first.metrics["TSW/deltamem_only"]["synthetic"]["em"]
     )

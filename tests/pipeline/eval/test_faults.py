@@ -18,10 +18,10 @@ import pipeline.eval.executors as executors
 import pipeline.eval.inputs as inputs
 import pipeline.eval.plan as planning
 import pipeline.eval.runner as runner
-from stages.evaluate import main
+from pipeline.stages.evaluate import main
+from tests.pipeline.stages.test_evaluate import write_params
 
 from .conftest import tiny_backbone
-from .test_stage import write_params
 
 REPO = Path(__file__).resolve().parents[3]
 

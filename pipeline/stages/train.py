@@ -1,6 +1,6 @@
 """DVC stage ``train@<variant>``: δ-mem SFT of one variant → models/<variant>/, results/train/<variant>/.
 
-python stages/train.py --variant TSW [--params params.yaml] [--nproc N|auto] [--launcher local|torchrun|ray]
+python -m pipeline.stages.train --variant TSW [--params params.yaml] [--nproc N|auto] [--launcher local|torchrun|ray]
 """
 
 from __future__ import annotations

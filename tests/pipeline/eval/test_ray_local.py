@@ -36,6 +36,24 @@ def test_is_loopback():
 
 
 @pytest.mark.slow
+def test_local_ray_never_joins_a_cluster_registered_by_ray_start(no_ray_session, monkeypatch):
+    # `ray start` leaves its address in <RAY_TMPDIR>/ray/ray_current_cluster; a plain ray.init() would join
+    # it (here: nothing listens there, so it would fail) instead of starting the stage's own node
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with local_ray(num_cpus=1, object_store_mb=80) as r:
+        assert r.node_ip == "127.0.0.1"
+        assert ray.get(ray.remote(lambda: 7).remote()) == 7
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
 def test_local_ray_binds_every_listening_socket_to_loopback_and_leaves_no_process(no_ray_session):
     with local_ray(num_cpus=1, object_store_mb=80) as r:
         assert r.node_ip == "127.0.0.1"

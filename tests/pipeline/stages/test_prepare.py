@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ import pytest
 import yaml
 
 from tests.pipeline.conftest import REPO_ROOT, shared_file
-from tests.pipeline.test_readers import HOTPOT
+from tests.pipeline.data.test_readers import HOTPOT
 
-STAGE = REPO_ROOT / "stages" / "prepare.py"
+STAGE = ["-m", "pipeline.stages.prepare"]  # run from the params folder: PYTHONPATH names this checkout
 SMALL_SYNTHETIC = {"seed": 5, "dialogues": {"train": 20, "validation": 5, "test": 5}}
 
 
@@ -29,7 +30,8 @@ def _params(tmp_path: Path, datasets: list[dict], **extra) -> Path:
 
 def _run(params: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(STAGE), "--params", str(params), *args],
+        [sys.executable, *STAGE, "--params", str(params), *args],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -113,7 +115,7 @@ def test_stage_writes_splits_manifest_and_logs_to_mlflow(tmp_path, mlflow_env):
     assert logged == manifest
 
     # same params → byte-identical output (in-process this time, no tracking)
-    from stages.prepare import main
+    from pipeline.stages.prepare import main
 
     assert main(["--params", str(params), "--out", str(tmp_path / "again"), "--no-tracking"]) == 0
     assert _tree(tmp_path / "again") == _tree(out)
@@ -131,7 +133,7 @@ def test_stage_on_the_real_samples_with_token_lengths(tmp_path, locomo_file, ife
         ],
         tokenizer={"name_or_path": "embedded", "write_length": 8192, "read_length": 512},
     )
-    from stages.prepare import main
+    from pipeline.stages.prepare import main
 
     assert main(["--params", str(params), "--no-tracking"]) == 0
     manifest = json.loads((tmp_path / "out" / "prepared" / "manifest.json").read_text())
@@ -211,7 +213,7 @@ def test_corrupt_locomo_fails_cleanly(tmp_path, locomo_file):
 
 
 def test_failure_keeps_the_previous_output(tmp_path):
-    from stages.prepare import main
+    from pipeline.stages.prepare import main
 
     _hotpot_folder(tmp_path)
     params = _params(tmp_path, [{"name": "hotpotqa", "source": "hotpot"}])
@@ -224,7 +226,7 @@ def test_failure_keeps_the_previous_output(tmp_path):
 
 
 def test_single_file_for_several_splits_is_refused(tmp_path, capsys):
-    from stages.prepare import main
+    from pipeline.stages.prepare import main
 
     shared_file("ifeval/input_data.jsonl")
     params = _params(
@@ -236,7 +238,7 @@ def test_single_file_for_several_splits_is_refused(tmp_path, capsys):
 
 
 def test_bad_params_exit_code(tmp_path, capsys):
-    from stages.prepare import main
+    from pipeline.stages.prepare import main
 
     params = _params(tmp_path, [{"name": "locomo"}])
     assert main(["--params", str(params), "--no-tracking"]) == 2

@@ -1,6 +1,6 @@
 """DVC stage ``evaluate``: every condition × variant × task of the ``evaluate`` section → results/eval/.
 
-python stages/evaluate.py [--params params.yaml] [--workers N] [--no-tracking] [--no-resume]
+python -m pipeline.stages.evaluate [--params params.yaml] [--workers N] [--no-tracking] [--no-resume]
 
 Writes ``results/eval/<variant>/<condition>/<task>/{predictions.jsonl,metrics.json,shards/}`` and the
 combined ``results/eval/metrics.json`` (see :mod:`pipeline.eval.runner`), then logs an MLflow run
@@ -16,11 +16,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-try:
-    import pipeline  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # a plain checkout: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deltamem.backbones import EMBEDDED_NAMES, BackboneLoadError, resolve_source
 from pipeline.data.errors import DataError

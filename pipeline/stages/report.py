@@ -1,6 +1,6 @@
 """DVC stage ``report``: training + evaluation results → ``reports/`` (report.md, report.html, plots).
 
-python stages/report.py [--params params.yaml] [--no-tracking]
+python -m pipeline.stages.report [--params params.yaml] [--no-tracking]
 
 Reads the ``report`` section (see :class:`pipeline.report.ReportParams`), writes ``reports/`` atomically,
 then ``reports/metrics.json`` (the DVC metrics file: headline scores and claims only, see :func:`dvc_metrics`),
@@ -11,17 +11,11 @@ pipeline execution's parent MLflow run. Exit status 2 when a stage output it nee
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-try:
-    import pipeline  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # a plain checkout: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from pipeline.common import atomic_write_json
 from pipeline.params import ParamsError, load_section
 from pipeline.report import ReportInputError, ReportParams, run_report
 from pipeline.report.build import NA, mlflow_payload
@@ -78,9 +72,7 @@ def dvc_metrics(result) -> dict[str, Any]:
 def write_dvc_metrics(result) -> Path:
     """``<out_dir>/metrics.json`` via a temporary file and a rename (never a half-written metrics file)."""
     path = Path(result.out_dir) / METRICS_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(dvc_metrics(result), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, dvc_metrics(result))
     return path
 
 

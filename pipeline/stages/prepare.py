@@ -1,6 +1,6 @@
 """DVC stage ``prepare``: read the ``prepare`` section of params.yaml and write ``data/prepared/``.
 
-    python stages/prepare.py [--params params.yaml] [--out DIR] [--no-tracking]
+    python -m pipeline.stages.prepare [--params params.yaml] [--out DIR] [--no-tracking]
 
 Writes ``<out_dir>/<dataset>/<split>.jsonl`` (+ ``<split>.contexts.jsonl``) and
 ``<out_dir>/manifest.json`` (see :mod:`pipeline.data.prepare`), then logs the counts and the manifest
@@ -16,11 +16,6 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
-
-try:
-    import pipeline  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # a plain checkout: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deltamem.backbones import BackboneLoadError
 from pipeline.data import DataError

@@ -1,6 +1,6 @@
 """DVC stage ``backbone``: save the configured backbone as a plain Hugging Face folder (models/backbone).
 
-python stages/backbone.py [--params params.yaml]
+python -m pipeline.stages.backbone [--params params.yaml]
 """
 
 from __future__ import annotations
