@@ -230,7 +230,7 @@ def test_a_killed_evaluation_recomputes_only_the_missing_shards(eval_root, tmp_p
         max_new_tokens_cap=6,
     )  # 3 units × 4 shards
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "stages" / "evaluate.py"), "--params", str(params), "--no-tracking"]
+    cmd = [sys.executable, "-m", "pipeline.stages.evaluate", "--params", str(params), "--no-tracking"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     try:

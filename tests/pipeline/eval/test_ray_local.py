@@ -109,7 +109,7 @@ def test_stage_with_more_workers_than_cpus_finishes_on_loopback_and_leaves_no_ra
     _stage_params(params, eval_root, out, workers=3, ray={"num_cpus": 2, "object_store_mb": 80})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, str(REPO / "stages" / "evaluate.py"), "--params", str(params), "--no-tracking"]
+    cmd = [sys.executable, "-m", "pipeline.stages.evaluate", "--params", str(params), "--no-tracking"]
     stage = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, str] = {}
     sockets: set[tuple[int, str, str, int]] = set()
