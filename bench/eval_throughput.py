@@ -136,7 +136,7 @@ def timed_run(params: Any, root: Path) -> tuple[float, Any]:
     from pipeline.eval.runner import run_evaluate
 
     t0 = time.perf_counter()
-    summary = run_evaluate(params, root, log_mlflow=False, progress=False)
+    summary = run_evaluate(params, root, progress=False)
     return time.perf_counter() - t0, summary
 
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             out = work / name
             p = EvalParams(**{**base, **kw}, workers=0, out_dir=str(out))
             t0 = time.perf_counter()
-            summary = run_evaluate(p, root, log_mlflow=False, progress=False, worker=worker)
+            summary = run_evaluate(p, root, progress=False, worker=worker)
             return time.perf_counter() - t0, summary, out
 
         in_process(

@@ -1,6 +1,7 @@
 """The ``evaluate`` stage's driver: conditions × variants × tasks, sharded, resumable, Ray-parallel.
 
-:func:`run_evaluate` runs the phases in this order, one module each (``pipeline/eval/``):
+:func:`run_evaluate` runs phases 1–5 in this order, one module each (``pipeline/eval/``); the stage
+(:mod:`pipeline.stages.evaluate`) then runs phase 6 on the returned summary:
 
 1. **params** (:mod:`~pipeline.eval.params`): the ``evaluate`` section, validated (:class:`EvalParams`).
 2. **plan** (:mod:`~pipeline.eval.plan`, inputs checked by :mod:`~pipeline.eval.inputs`): units
@@ -17,7 +18,7 @@
    written atomically as it arrives, so a failed run resumes where it stopped.
 5. **aggregate** (:mod:`~pipeline.eval.aggregate`): per unit ``task.aggregate``, the headline's
    bootstrap interval and the cost figures; predictions and metrics written (:mod:`~pipeline.eval.store`).
-6. **track** (:mod:`~pipeline.eval.tracking`): MLflow runs.
+6. **track** (:mod:`~pipeline.eval.tracking`, called by the stage unless ``--no-tracking``): MLflow runs.
 
 Efficiency: a conversation's history is written into the δ-mem state once and the state is reused for
 all its questions (``MemoryState.stack``/``expand`` over a batch); questions are generated in
@@ -65,9 +66,11 @@ class EvalSummary:
     metrics: dict[str, dict[str, dict[str, Any]]]
     wall_s: float
     rescored: list[str] = field(default_factory=list)  # reused shards scored again (scoring changed)
+    units: list[Unit] = field(default_factory=list, repr=False)  # the plan (for tracking), not in to_dict
+    out: Path | None = None  # the results folder
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in ("units", "out")}
 
 
 def _stored(p: EvalParams, out: Path, specs: list[ShardSpec]) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -92,11 +95,13 @@ def run_evaluate(
     p: EvalParams,
     root: Path,
     *,
-    log_mlflow: bool = True,
     progress: bool = True,
     worker: EvalWorker | None = None,
 ) -> EvalSummary:
-    """Plan, compute the missing shards (in-process or on Ray), merge, write metrics, log to MLflow.
+    """Plan, compute the missing shards (in-process or on Ray), merge, write metrics.
+
+    Tracking is the caller's: the stage (:mod:`pipeline.stages.evaluate`) logs the returned summary with
+    :func:`pipeline.eval.tracking.log_to_mlflow`.
 
     Raises :class:`EvalError` naming the shards that failed after ``max_retries`` retries (the shards
     that succeeded are kept for the next run).
@@ -154,12 +159,7 @@ def run_evaluate(
     write_json(out / METRICS, combined)
     if p.metrics_file:
         write_json(root / p.metrics_file, combined)
-    summary = EvalSummary(computed, reused, skipped, combined, time.perf_counter() - t0, rescored)
-    if log_mlflow:
-        from pipeline.eval.tracking import log_to_mlflow
-
-        log_to_mlflow(p, units, out, summary)
-    return summary
+    return EvalSummary(computed, reused, skipped, combined, time.perf_counter() - t0, rescored, list(units), out)
 
 
 __all__ = [

@@ -20,6 +20,7 @@ from pathlib import Path
 from deltamem.backbones import EMBEDDED_NAMES, BackboneLoadError, resolve_source
 from pipeline.data.errors import DataError
 from pipeline.eval.runner import EvalError, EvalInputError, EvalParams, run_evaluate
+from pipeline.eval.tracking import log_to_mlflow
 from pipeline.params import ParamsError, load_section
 
 
@@ -48,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     if updates:
         p = p.model_copy(update=updates)
     try:
-        summary = run_evaluate(p, Path(args.params).resolve().parent, log_mlflow=not args.no_tracking)
+        summary = run_evaluate(p, Path(args.params).resolve().parent)
     except (EvalInputError, DataError, BackboneLoadError) as err:  # bad params, data or artefacts: one line
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
     except EvalError as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 1
+    if not args.no_tracking:
+        log_to_mlflow(p, summary.units, summary.out, summary)
     for unit, reason in summary.skipped_units.items():
         print(f"evaluate: skipped {unit}: {reason}")
     headline = {f"{vc}/{task}": m.get("headline") for vc, tasks in summary.metrics.items() for task, m in tasks.items()}

@@ -58,7 +58,7 @@ def test_session_recalls_within_5_points_of_the_evaluator(shipped):
         "metrics_file": None,
         "bootstrap": 0,
     }
-    summary = run_evaluate(EvalParams(**ev), root, log_mlflow=False, progress=False)
+    summary = run_evaluate(EvalParams(**ev), root, progress=False)
     preds = next((root / ev["out_dir"]).rglob("predictions.jsonl"))
     rows = [json.loads(x) for x in preds.read_text().splitlines()]
     evaluator = {r["example_id"]: r["scores"]["em"] for r in rows}

@@ -249,7 +249,7 @@ def test_a_killed_evaluation_recomputes_only_the_missing_shards(eval_root, tmp_p
     }
     assert 3 <= len(done) < 12
     p = runner.EvalParams(**yaml_section(params))
-    summary = runner.run_evaluate(p, params.parent, log_mlflow=False, progress=False)
+    summary = runner.run_evaluate(p, params.parent, progress=False)
     assert len(summary.reused) == len(done) and len(summary.computed) == 12 - len(done)
     for f in out.rglob("shard-*.meta.json"):
         key = f.name.split(".")[0] + "@" + str(f.parent.parent.relative_to(out))

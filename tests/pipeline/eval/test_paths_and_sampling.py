@@ -21,7 +21,7 @@ def test_moving_the_repository_reuses_every_shard(eval_root, worker, tmp_path):
     tasks = [{"dataset": "synthetic", "split": "test"}, {"dataset": "ifeval", "split": "test"}]
     kw = {"variants": ["TSW"], "conditions": ["base_no_context", "deltamem_only"], "tasks": tasks}
     p = make_params("results/eval", **kw)  # relative to the repository root
-    before = run_evaluate(p, first, log_mlflow=False, progress=False, worker=worker)
+    before = run_evaluate(p, first, progress=False, worker=worker)
     assert len(before.computed) == 8 and not before.reused
     hashes = {s.key: s.config_hash for u in plan(p, first) for s in u.shards}
 
@@ -32,7 +32,7 @@ def test_moving_the_repository_reuses_every_shard(eval_root, worker, tmp_path):
     shutil.copytree(moved, copied)
     for root in (moved, copied):
         assert {s.key: s.config_hash for u in plan(p, root) for s in u.shards} == hashes
-        again = run_evaluate(p, root, log_mlflow=False, progress=False, worker=worker)
+        again = run_evaluate(p, root, progress=False, worker=worker)
         assert again.computed == [] and sorted(again.reused) == sorted(before.computed)
         assert predictions(root / "results/eval", "TSW/deltamem_only/synthetic") == predictions(
             moved / "results/eval", "TSW/deltamem_only/synthetic"
@@ -59,20 +59,16 @@ def test_sampled_decoding_reuses_the_conversation_prefix_with_the_same_predictio
     assert isinstance(task.decoding(None, "paper"), Decoding)
     conds = ["base_full_context", "deltamem_full_context"]
     kw = {"variants": ["TSW"], "conditions": conds, "decoding": "paper", "max_new_tokens_cap": 8}
-    reuse = run_evaluate(
-        make_params(tmp_path / "reuse", **kw), eval_root, log_mlflow=False, progress=False, worker=worker
-    )
+    reuse = run_evaluate(make_params(tmp_path / "reuse", **kw), eval_root, progress=False, worker=worker)
     alone = run_evaluate(
         make_params(tmp_path / "alone", prefix_cache=False, **kw),
         eval_root,
-        log_mlflow=False,
         progress=False,
         worker=worker,
     )
     greedy = run_evaluate(
         make_params(tmp_path / "greedy", **{**kw, "decoding": "greedy"}),
         eval_root,
-        log_mlflow=False,
         progress=False,
         worker=worker,
     )

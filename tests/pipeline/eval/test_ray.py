@@ -41,7 +41,7 @@ def test_one_and_two_workers_give_the_same_metrics(ray_session, eval_root, tmp_p
     runs = {}
     for workers in (1, 2):
         p = make_params(tmp_path / f"w{workers}", variants=["TSW"], conditions=CONDITIONS, workers=workers)
-        runs[workers] = run_evaluate(p, eval_root, log_mlflow=False, progress=False)
+        runs[workers] = run_evaluate(p, eval_root, progress=False)
         assert len(runs[workers].computed) == 6
     assert scores(runs[1].metrics) == scores(runs[2].metrics)
     for unit in ("base/base_no_context", "TSW/deltamem_only", "TSW/deltamem_full_context"):
@@ -52,7 +52,7 @@ def test_one_and_two_workers_give_the_same_metrics(ray_session, eval_root, tmp_p
 def test_failed_shards_are_retried_and_a_rerun_computes_only_the_missing_one(ray_session, eval_root, tmp_path, capsys):
     kw = {"variants": ["TSW"], "conditions": ["base_no_context", "deltamem_only"], "workers": 2}
     flaky = make_params(tmp_path / "flaky", inject_failures={"base/*/shard-0000": 1}, **kw)
-    assert len(run_evaluate(flaky, eval_root, log_mlflow=False, progress=False).computed) == 4
+    assert len(run_evaluate(flaky, eval_root, progress=False).computed) == 4
     err = capsys.readouterr().err  # every retry is logged: which shard, which worker, why
     assert re.search(
         r"retrying base/base_no_context/synthetic/shard-0000 \(attempt 2 of 2\) after it failed on worker \d: "
@@ -63,12 +63,12 @@ def test_failed_shards_are_retried_and_a_rerun_computes_only_the_missing_one(ray
     out = tmp_path / "broken"
     broken = make_params(out, inject_failures={"TSW/deltamem_only/*/shard-0000": 9}, **kw)
     with pytest.raises(EvalError, match=r"TSW/deltamem_only/synthetic/shard-0000: RuntimeError: injected failure"):
-        run_evaluate(broken, eval_root, log_mlflow=False, progress=False)
+        run_evaluate(broken, eval_root, progress=False)
     assert "giving up on TSW/deltamem_only/synthetic/shard-0000 after 2 attempts" in capsys.readouterr().err
     done = sorted(out.rglob("shard-*.meta.json"))
     assert len(done) == 3
     mtimes = {f: f.stat().st_mtime_ns for f in out.rglob("shard-*")}
-    fixed = run_evaluate(make_params(out, **kw), eval_root, log_mlflow=False, progress=False)
+    fixed = run_evaluate(make_params(out, **kw), eval_root, progress=False)
     assert fixed.computed == ["TSW/deltamem_only/synthetic/shard-0000"] and len(fixed.reused) == 3
     assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())
 
@@ -89,7 +89,7 @@ def test_actor_capacity_counts_whole_actors_per_node():
 def test_actors_that_cannot_fit_stop_the_stage_at_once(ray_session, eval_root, tmp_path):
     p = make_params(tmp_path, variants=["TSW"], conditions=["base_no_context"], workers=2, ray={"actor_num_gpus": 1})
     with pytest.raises(EvalInputError, match=r"no worker actor fits the Ray cluster \(each asks 1 CPU \+ 1 GPU; "):
-        run_evaluate(p, eval_root, log_mlflow=False, progress=False)
+        run_evaluate(p, eval_root, progress=False)
     assert not list(tmp_path.rglob("shard-*"))
 
 
@@ -108,7 +108,7 @@ def test_only_started_actors_get_shards(ray_session, eval_root, tmp_path, capsys
     ray.get(blocker.ping.remote())
     try:
         p = make_params(tmp_path, variants=["TSW"], conditions=["base_no_context", "deltamem_only"], workers=2)
-        s = run_evaluate(p, eval_root, log_mlflow=False, progress=False)
+        s = run_evaluate(p, eval_root, progress=False)
         assert len(s.computed) == 4
         assert len(_POOL["actors"]) == 1  # the pending actor was killed, not kept waiting in the pool
         ray.get(blocker.ping.remote())
@@ -126,7 +126,7 @@ def test_no_actor_starting_is_an_error_after_the_start_timeout(ray_session, eval
             tmp_path, variants=["TSW"], conditions=["base_no_context"], workers=1, ray={"actor_start_timeout_s": 3}
         )
         with pytest.raises(EvalInputError, match=r"no worker actor started within 3s \(worker 0 pending"):
-            run_evaluate(p, eval_root, log_mlflow=False, progress=False)
+            run_evaluate(p, eval_root, progress=False)
     finally:
         for b in blockers:
             ray.kill(b)
@@ -217,14 +217,14 @@ def test_ray_actors_get_the_backbone_through_the_object_store_and_match_in_proce
     monkeypatch.setattr(ray, "put", lambda v, **kw: sent_puts.append(v) or real_put(v, **kw))
     monkeypatch.setattr(ex.Shipper, "payload", lambda self, s: calls.append(real_payload(self, s)) or calls[-1])
     kw = {"variants": ["TSW"], "conditions": ["base_no_context", "deltamem_only", "deltamem_shuffled"]}
-    on_ray = run_evaluate(make_params(tmp_path / "ray", workers=2, **kw), eval_root, log_mlflow=False, progress=False)
+    on_ray = run_evaluate(make_params(tmp_path / "ray", workers=2, **kw), eval_root, progress=False)
     assert "sending the backbone folder to the workers through the object store" in capsys.readouterr().err
     assert sum(1 for v in sent_puts if isinstance(v, dict) and "config.json" in v) == 1  # the backbone, once
     assert len(calls) == len(on_ray.computed) == 6
     for text in _strings(calls):
         assert not any(d in text for d in _driver_paths(eval_root)), text[:200]
     assert all(isinstance(c[1], ray.ObjectRef) for c in calls)
-    local = run_evaluate(make_params(tmp_path / "local", workers=0, **kw), eval_root, log_mlflow=False, progress=False)
+    local = run_evaluate(make_params(tmp_path / "local", workers=0, **kw), eval_root, progress=False)
     assert scores(local.metrics) == scores(on_ray.metrics)
     for pred in (tmp_path / "local").rglob("predictions.jsonl"):
         assert pred.read_bytes() == (tmp_path / "ray" / pred.relative_to(tmp_path / "local")).read_bytes()
@@ -238,7 +238,7 @@ def test_ray_actors_get_the_backbone_through_the_object_store_and_match_in_proce
 def test_shared_storage_sends_the_backbone_path(ray_session, eval_root, tmp_path, capsys):
     shutdown_pool()
     p = make_params(tmp_path, variants=["TSW"], conditions=["base_no_context"], workers=1, ray={"shared_storage": True})
-    assert len(run_evaluate(p, eval_root, log_mlflow=False, progress=False).computed) == 2
+    assert len(run_evaluate(p, eval_root, progress=False).computed) == 2
     assert "sending the backbone folder" not in capsys.readouterr().err
     shutdown_pool()
 
@@ -252,4 +252,4 @@ def test_custom_resources_pin_the_actors(ray_session, eval_root, tmp_path):
         tmp_path, variants=["TSW"], conditions=["base_no_context"], workers=2, ray={"resources": {"node2": 1}}
     )
     with pytest.raises(EvalInputError, match=r"each asks 1 CPU \+ 1 node2; the cluster has .*0 node2"):
-        run_evaluate(p, eval_root, log_mlflow=False, progress=False)
+        run_evaluate(p, eval_root, progress=False)

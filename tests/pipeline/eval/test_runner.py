@@ -25,7 +25,7 @@ def predictions(out: Path, unit: str) -> list[str]:
 def full_run(eval_root, worker, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     p = make_params(out)
-    return out, run_evaluate(p, eval_root, log_mlflow=False, progress=False, worker=worker)
+    return out, run_evaluate(p, eval_root, progress=False, worker=worker)
 
 
 def test_every_condition_end_to_end(full_run):
@@ -64,14 +64,14 @@ def test_history_is_written_once_per_conversation_and_reuse_gives_the_same_answe
     assert m["cost/write_tokens"] == m["cost/history_tokens"]
     assert summary.metrics["base/base_no_context"]["synthetic"]["cost/history_writes"] == 0
     naive = make_params(tmp_path, variants=["TSW", "MSW"], conditions=["deltamem_only"], reuse_state=False)
-    again = run_evaluate(naive, eval_root, log_mlflow=False, progress=False, worker=worker)
+    again = run_evaluate(naive, eval_root, progress=False, worker=worker)
     n = again.metrics["TSW/deltamem_only"]["synthetic"]
     assert n["cost/history_writes"] == 8 and n["cost/write_tokens"] > m["cost/write_tokens"]
     assert n["cost/forward_tokens"] > m["cost/forward_tokens"]
     assert predictions(tmp_path, "TSW/deltamem_only/synthetic") == predictions(out, "TSW/deltamem_only/synthetic")
     # MSW too, against its own reuse run
     reuse = make_params(tmp_path / "reuse", variants=["MSW"], conditions=["deltamem_only"])
-    run_evaluate(reuse, eval_root, log_mlflow=False, progress=False, worker=worker)
+    run_evaluate(reuse, eval_root, progress=False, worker=worker)
     assert predictions(tmp_path, "MSW/deltamem_only/synthetic") == predictions(
         tmp_path / "reuse", "MSW/deltamem_only/synthetic"
     )
@@ -82,7 +82,7 @@ def test_prefix_cache_gives_the_same_answers_with_fewer_tokens(full_run, eval_ro
     p = make_params(
         tmp_path, variants=["TSW"], conditions=["base_full_context", "deltamem_full_context"], prefix_cache=False
     )
-    plain = run_evaluate(p, eval_root, log_mlflow=False, progress=False, worker=worker)
+    plain = run_evaluate(p, eval_root, progress=False, worker=worker)
     for unit in ("base/base_full_context", "TSW/deltamem_full_context"):
         assert predictions(tmp_path, f"{unit}/synthetic") == predictions(out, f"{unit}/synthetic"), unit
         cached = summary.metrics[unit]["synthetic"]
@@ -90,7 +90,7 @@ def test_prefix_cache_gives_the_same_answers_with_fewer_tokens(full_run, eval_ro
         assert cached["cost/forward_tokens"] < plain.metrics[unit]["synthetic"]["cost/forward_tokens"]
     # SSW writing online reads and writes each prompt in one call: nothing reused, the same answers either way
     ssw = make_params(tmp_path / "ssw", variants=["SSW"], conditions=["deltamem_full_context"], prefix_cache=False)
-    run_evaluate(ssw, eval_root, log_mlflow=False, progress=False, worker=worker)
+    run_evaluate(ssw, eval_root, progress=False, worker=worker)
     unit = "SSW/deltamem_full_context/synthetic"
     assert predictions(tmp_path / "ssw", unit) == predictions(out, unit)
     assert summary.metrics["SSW/deltamem_full_context"]["synthetic"]["cost/prefix_tokens_reused"] == 0
@@ -98,7 +98,7 @@ def test_prefix_cache_gives_the_same_answers_with_fewer_tokens(full_run, eval_ro
 
 def test_a_task_without_history(eval_root, worker, tmp_path):
     p = make_params(tmp_path, variants=["TSW"], tasks=[{"dataset": "ifeval", "split": "test"}])
-    s = run_evaluate(p, eval_root, log_mlflow=False, progress=False, worker=worker)
+    s = run_evaluate(p, eval_root, progress=False, worker=worker)
     assert s.skipped_units == {
         "TSW/deltamem_shuffled/ifeval": "needs at least two conversations with a history (donor states)"
     }
@@ -113,7 +113,7 @@ def test_a_task_without_history(eval_root, worker, tmp_path):
 
 def test_truncated_window(eval_root, worker, tmp_path):
     p = make_params(tmp_path, variants=["TSW"], conditions=["base_full_context"], context_window=128)
-    s = run_evaluate(p, eval_root, log_mlflow=False, progress=False, worker=worker)
+    s = run_evaluate(p, eval_root, progress=False, worker=worker)
     m = s.metrics["base/base_full_context"]["synthetic"]
     assert m["cost/truncated_contexts"] == 4
     assert m["cost/max_prompt_tokens"] <= 128 - 6 - 50
@@ -122,16 +122,16 @@ def test_truncated_window(eval_root, worker, tmp_path):
 def test_resume_skips_finished_shards_and_a_setting_change_recomputes(full_run, eval_root, worker):
     out, first = full_run
     assert first.reused == [] and len(first.computed) == 18  # 9 units × 2 shards
-    again = run_evaluate(make_params(out), eval_root, log_mlflow=False, progress=False, worker=worker)
+    again = run_evaluate(make_params(out), eval_root, progress=False, worker=worker)
     assert again.computed == [] and len(again.reused) == 18
     assert (
         again.metrics["TSW/deltamem_only"]["synthetic"]["em"] == first.metrics["TSW/deltamem_only"]["synthetic"]["em"]
     )
-    changed = run_evaluate(make_params(out, bm25_k=1), eval_root, log_mlflow=False, progress=False, worker=worker)
+    changed = run_evaluate(make_params(out, bm25_k=1), eval_root, progress=False, worker=worker)
     assert sorted(changed.computed) == ["base/rag_bm25/synthetic/shard-0000", "base/rag_bm25/synthetic/shard-0001"]
     # a condition dropped from the params: its folders go, the others stay
     fewer = make_params(out, bm25_k=1, conditions=["base_no_context", "deltamem_only"])
-    assert run_evaluate(fewer, eval_root, log_mlflow=False, progress=False, worker=worker).computed == []
+    assert run_evaluate(fewer, eval_root, progress=False, worker=worker).computed == []
     assert sorted(d.name for d in (out / "base").iterdir()) == ["base_no_context"]
     assert sorted(d.name for d in (out / "TSW").iterdir()) == ["deltamem_only"]
 
@@ -141,18 +141,18 @@ def test_failures_are_retried_then_fail_the_run_and_a_rerun_computes_only_the_mi
 ):
     kw = {"variants": ["TSW"], "conditions": ["base_no_context", "deltamem_only"]}
     flaky = make_params(tmp_path, inject_failures={"TSW/deltamem_only/*/shard-0001": 1}, **kw)
-    s = run_evaluate(flaky, eval_root, log_mlflow=False, progress=False, worker=worker)
+    s = run_evaluate(flaky, eval_root, progress=False, worker=worker)
     assert len(s.computed) == 4  # the flaky shard failed once, then succeeded on its retry
 
     out = tmp_path / "broken"
     broken = make_params(out, inject_failures={"TSW/deltamem_only/*/shard-0001": 5}, **kw)
     with pytest.raises(EvalError, match=r"TSW/deltamem_only/synthetic/shard-0001: RuntimeError: injected failure"):
-        run_evaluate(broken, eval_root, log_mlflow=False, progress=False, worker=worker)
+        run_evaluate(broken, eval_root, progress=False, worker=worker)
     shards = out / "TSW/deltamem_only/synthetic/shards"
     assert sorted(f.name for f in shards.iterdir()) == ["shard-0000.jsonl", "shard-0000.meta.json"]
     assert not (out / "metrics.json").exists()
     mtimes = {f: f.stat().st_mtime_ns for f in out.rglob("shard-*")}
-    fixed = run_evaluate(make_params(out, **kw), eval_root, log_mlflow=False, progress=False, worker=worker)
+    fixed = run_evaluate(make_params(out, **kw), eval_root, progress=False, worker=worker)
     assert fixed.computed == ["TSW/deltamem_only/synthetic/shard-0001"]
     assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())
     assert (out / "metrics.json").exists()

@@ -64,7 +64,7 @@ def test_unknown_scoring_is_a_clear_params_error():
 def test_changing_scoring_rescores_without_generating(root, tmp_path):
     out = tmp_path / "eval"
     unit = out / "base" / "base_no_context" / "gpqa"
-    first = run_evaluate(_params(out, "official"), root, log_mlflow=False, progress=False)
+    first = run_evaluate(_params(out, "official"), root, progress=False)
     assert first.computed and not first.rescored
     rows = [json.loads(line) for line in (unit / "predictions.jsonl").read_text().splitlines()]
     assert {r["scoring"] for r in rows} == {"official"}
@@ -77,7 +77,7 @@ def test_changing_scoring_rescores_without_generating(root, tmp_path):
     stored[0]["scores"]["accuracy"] = 0.123
     shard.write_text("".join(json.dumps(r) + "\n" for r in stored))
 
-    second = run_evaluate(_params(out, "delta-mem"), root, log_mlflow=False, progress=False)
+    second = run_evaluate(_params(out, "delta-mem"), root, progress=False)
     assert second.computed == []  # nothing generated again
     assert second.rescored == second.reused == [s for s in first.computed]
     again = [json.loads(line) for line in (unit / "predictions.jsonl").read_text().splitlines()]
@@ -90,7 +90,7 @@ def test_changing_scoring_rescores_without_generating(root, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["base/base_no_context"]["gpqa"]["scoring"] == "delta-mem"
     assert json.loads((unit / "shards" / "shard-0000.meta.json").read_text())["scoring"] == scoring_id("delta-mem")
 
-    third = run_evaluate(_params(out, "delta-mem"), root, log_mlflow=False, progress=False)
+    third = run_evaluate(_params(out, "delta-mem"), root, progress=False)
     assert third.computed == [] and third.rescored == []
 
 
