@@ -13,7 +13,8 @@ import torch
 from bench.core_overhead import decode_op_counts
 from deltamem import DeltaMemConfig, attach_delta_mem
 from tests.conftest import tiny_model
-from tests.deltamem.test_lean_path import CASES, make_layer, reference
+from tests.deltamem.test_dtype_compile import assert_compiled_equals_eager
+from tests.deltamem.test_lean_path import CASES, assert_grads_match_reference, make_layer, reference
 
 
 def lean_layer(**cfg):
@@ -55,22 +56,7 @@ def test_decode_step_equals_reference_float64(cfg, write, masked):
             assert torch.equal(out[1][1], S[1])  # and left the padded row's state exactly as it was
     torch.testing.assert_close(out[2], ref[2], atol=1e-12, rtol=0)
 
-    def loss(res):
-        corr, new, bm = res
-        gw = torch.Generator().manual_seed(5)
-        total = sum((c * torch.randn(c.shape, generator=gw, dtype=c.dtype)).sum() for c in corr) + 3 * bm
-        if new is not None:
-            total = total + (new * torch.randn(new.shape, generator=gw, dtype=new.dtype)).sum()
-        return total
-
-    params = [x, S, *layer.parameters()]
-    g_lean = torch.autograd.grad(loss(layer(x, S, mask, write, None, stats=True)), params, allow_unused=True)
-    g_ref = torch.autograd.grad(loss(reference(layer, x, S, mask, write, None)), params, allow_unused=True)
-    for (name, _), a, b in zip([("x", 0), ("S", 0), *layer.named_parameters()], g_lean, g_ref, strict=True):
-        if b is None:
-            assert a is None or a.abs().max() == 0, name
-            continue
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
+    assert_grads_match_reference(layer, x, S, mask, write, None)
 
 
 @pytest.mark.parametrize("cfg", CASES[:3], ids=["default", "lambda_outside", "MSW"])
@@ -118,16 +104,7 @@ def test_decode_step_compiles_fullgraph(write):
     x, S = inputs(layer, 11)
     x.requires_grad_()
     mask = torch.tensor([[True], [False]])
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # raises on any graph break
-    got = compiled(x, S, mask, write, None, True)
-    ref = layer(x, S, mask, write, None, True)
-    for a, b in zip(got[0], ref[0], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
-    if write:
-        torch.testing.assert_close(got[1], ref[1], atol=1e-12, rtol=0)
-    g1 = torch.autograd.grad(sum(c.sum() for c in got[0]), x)[0]
-    g2 = torch.autograd.grad(sum(c.sum() for c in ref[0]), x)[0]
-    torch.testing.assert_close(g1, g2, atol=1e-12, rtol=0)
+    assert_compiled_equals_eager(layer, x, S, mask, write)
 
 
 def test_decode_step_writes_in_place_when_asked():

@@ -69,6 +69,12 @@ def test_layer_compiles_fullgraph(write, T):
     S = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     mask = torch.ones(2, T, dtype=torch.bool)
     mask[1, -1] = False
+    assert_compiled_equals_eager(layer, x, S, mask, write)
+
+
+def assert_compiled_equals_eager(layer, x, S, mask, write) -> None:
+    """``torch.compile(layer, fullgraph=True)`` (no graph break allowed) gives the eager outputs and the
+    eager gradient of x."""
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # raises on any graph break
     got = compiled(x, S, mask, write, None, True)
     ref = layer(x, S, mask, write, None, True)

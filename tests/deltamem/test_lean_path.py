@@ -61,6 +61,28 @@ CASES = [
 ]
 
 
+def assert_grads_match_reference(layer, x, S, mask, write, seg) -> None:
+    """The gradients of a random linear functional of the layer's outputs (corrections, new state, β mean)
+    with respect to x, S and every parameter equal the plain reference's (float64)."""
+
+    def loss(res):
+        corr, new, bm = res
+        gw = torch.Generator().manual_seed(5)
+        total = sum((c * torch.randn(c.shape, generator=gw, dtype=c.dtype)).sum() for c in corr) + 3 * bm
+        if new is not None:
+            total = total + (new * torch.randn(new.shape, generator=gw, dtype=new.dtype)).sum()
+        return total
+
+    params = [x, S, *layer.parameters()]
+    g_lean = torch.autograd.grad(loss(layer(x, S, mask, write, seg, stats=True)), params, allow_unused=True)
+    g_ref = torch.autograd.grad(loss(reference(layer, x, S, mask, write, seg)), params, allow_unused=True)
+    for (name, _), a, b in zip([("x", 0), ("S", 0), *layer.named_parameters()], g_lean, g_ref, strict=True):
+        if b is None:
+            assert a is None or a.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("cfg", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 @pytest.mark.parametrize("T", [1, 7])
 @pytest.mark.parametrize("write", [False, True])
@@ -87,22 +109,7 @@ def test_lean_equals_reference_float64(cfg, T, write, masked):
     torch.testing.assert_close(out[2], ref[2], atol=1e-12, rtol=0)
     assert max(c.abs().max() for c in out[0]) > 1e-3  # not vacuous
 
-    def loss(res):
-        corr, new, bm = res
-        gw = torch.Generator().manual_seed(5)
-        total = sum((c * torch.randn(c.shape, generator=gw, dtype=c.dtype)).sum() for c in corr) + 3 * bm
-        if new is not None:
-            total = total + (new * torch.randn(new.shape, generator=gw, dtype=new.dtype)).sum()
-        return total
-
-    params = [x, S, *layer.parameters()]
-    g_lean = torch.autograd.grad(loss(layer(x, S, mask, write, seg, stats=True)), params, allow_unused=True)
-    g_ref = torch.autograd.grad(loss(reference(layer, x, S, mask, write, seg)), params, allow_unused=True)
-    for (name, _), a, b in zip([("x", 0), ("S", 0), *layer.named_parameters()], g_lean, g_ref, strict=True):
-        if b is None:
-            assert a is None or a.abs().max() == 0, name
-            continue
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
+    assert_grads_match_reference(layer, x, S, mask, write, seg)
 
 
 def test_read_only_skips_gates_and_stats_unless_asked():
