@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,18 +32,13 @@ import yaml
 
 from tests.e2e import probe
 from tests.pipeline.test_workflow import _copy_project, _shrink
+from tests.ports import free_ports
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(sys.platform != "linux", reason="two raylets on one Linux machine"),
 ]
 CONDITIONS = ["base_no_context", "deltamem_only", "deltamem_shuffled"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _ray_descendants() -> list:
@@ -80,11 +74,11 @@ def two_nodes(tmp_path_factory):
         probe.ENV: str(tmp_path_factory.mktemp("probe") / "imports.log"),
     }
     common = {"node_ip_address": "127.0.0.1", "num_cpus": 2, "num_gpus": 0, "object_store_memory": 700 * 2**20}
-    dash = _free_port()
+    names = ("dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port")
+    dash, client, *free = free_ports(2 + 2 * len(names))  # never Ray's defaults (another Ray may hold them)
 
-    def ports() -> dict[str, int]:  # free ports, never Ray's defaults (another Ray on the machine may hold them)
-        names = ("dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port")
-        return {name: _free_port() for name in names}
+    def ports(node: int) -> dict[str, int]:
+        return dict(zip(names, free[node * len(names) : (node + 1) * len(names)], strict=True))
 
     with pytest.MonkeyPatch.context() as mp:  # what the cluster's processes inherit
         for key, value in env.items():
@@ -95,15 +89,15 @@ def two_nodes(tmp_path_factory):
         try:
             cluster.add_node(
                 **common,
-                **ports(),
-                ray_client_server_port=_free_port(),
+                **ports(0),
+                ray_client_server_port=client,
                 temp_dir=str(temps[0]),
                 resources={"head": 2},
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
                 dashboard_port=dash,
             )
-            node2 = cluster.add_node(**common, **ports(), temp_dir=str(temps[1]), resources={"node2": 2})
+            node2 = cluster.add_node(**common, **ports(1), temp_dir=str(temps[1]), resources={"node2": 2})
             address = f"http://127.0.0.1:{dash}"
             deadline = time.monotonic() + 120
             while True:

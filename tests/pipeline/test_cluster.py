@@ -9,7 +9,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from pipeline import submit as sub
+from tests.ports import free_port, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -187,12 +187,6 @@ def test_submit_sh_is_the_python_command(args):
 
 
 # --- a real job on a local head -------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _session_pids(sid: int) -> list[int]:
     """Processes of session ``sid``: what `ray start` (run with start_new_session) spawned, workers included."""
     pids = []
@@ -236,11 +230,8 @@ def local_head():
     }
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(key, None)
-    dash = _free_port()
-    cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(_free_port())]
-    cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true"]
-    cmd += ["--num-cpus", "1", "--num-gpus", "0", "--temp-dir", temp_dir, "--disable-usage-stats"]
-    for flag in (
+    flags = (
+        "--port",
         "--ray-client-server-port",
         "--dashboard-agent-listen-port",
         "--dashboard-agent-grpc-port",
@@ -248,31 +239,44 @@ def local_head():
         "--metrics-export-port",
         "--node-manager-port",
         "--object-manager-port",
-    ):
-        cmd += [flag, str(_free_port())]
+    )
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (closed in the finally)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    proc = None
     try:
         from ray.job_submission import JobSubmissionClient
 
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}:\n{(Path(temp_dir) / 'ray-start.log').read_text()}")
-            try:
-                JobSubmissionClient(address).list_jobs()
+        for attempt in range(1, 4):  # a port taken between the probe and Ray's bind: start again on new ones
+            dash, *ports = free_ports(len(flags) + 1)
+            cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
+            cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true"]
+            cmd += ["--num-cpus", "1", "--num-gpus", "0", "--temp-dir", temp_dir, "--disable-usage-stats"]
+            for flag, port in zip(flags, ports, strict=True):
+                cmd += [flag, str(port)]
+            log.write(f"--- attempt {attempt}: {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            address = f"http://127.0.0.1:{dash}"
+            deadline = time.monotonic() + 90
+            while proc.poll() is None:
+                try:
+                    JobSubmissionClient(address).list_jobs()
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        pytest.fail(
+                            f"no job server at {address} after 90 s:\n{(Path(temp_dir) / 'ray-start.log').read_text()}"
+                        )
+                    time.sleep(1)
+            if proc.poll() is None:
                 break
-            except Exception:
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"no job server at {address} after 90 s:\n{(Path(temp_dir) / 'ray-start.log').read_text()}"
-                    )
-                time.sleep(1)
+            _stop_head(proc.pid)  # what the failed start left behind
+        else:
+            pytest.fail(f"ray start failed 3 times:\n{(Path(temp_dir) / 'ray-start.log').read_text()}")
         yield {"address": address, "env": env, "temp_dir": Path(temp_dir)}
     finally:
-        _stop_head(proc.pid)
-        proc.wait(timeout=10)
+        if proc is not None:
+            _stop_head(proc.pid)
+            proc.wait(timeout=10)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -350,7 +354,7 @@ def test_submit_sh_runs_a_failing_job_and_reports_it(local_head, tmp_path):
 def test_submit_reports_bad_input(tmp_path, capsys):
     assert sub.main(["--working-dir", str(tmp_path / "missing")]) == 2
     assert "working dir not found" in capsys.readouterr().err
-    assert sub.main(["--working-dir", str(tmp_path), "--address", f"http://127.0.0.1:{_free_port()}"]) == 2
+    assert sub.main(["--working-dir", str(tmp_path), "--address", f"http://127.0.0.1:{free_port()}"]) == 2
     assert "cannot reach the Ray job server" in capsys.readouterr().err
 
 

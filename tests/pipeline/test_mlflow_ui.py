@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
+from tests.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,12 +57,6 @@ def artifact_dir() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM the server's process group (uvicorn runs in a child), SIGKILL after 20 s."""
     if proc.poll() is not None:
@@ -80,7 +74,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def mlflow_server(db: Path, workdir: Path) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1:<free port> over ``db``; yields its base URL once ``/health`` answers."""
-    port = _free_port()
+    port = free_port()
     log_path = workdir / "mlflow-server.log"
     cmd = [
         sys.executable, "-m", "mlflow", "server",

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from deltamem import DeltaMemConfig, attach_delta_mem
 from pipeline.train.distributed import DEFAULT_DS_CONFIG, EpisodeObjective, deepspeed_config
 from pipeline.train.trainer import TrainConfig, collate_episodes, episode_forward
 from tests.conftest import tiny_model
+from tests.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 OPTIM = {
@@ -100,12 +100,6 @@ def test_one_rank_objective_has_the_trainer_gradient(episodes, smol_tokenizer):
 
 
 # --- 2 CPU ranks under torchrun ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(root: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
@@ -116,7 +110,7 @@ def launch(root: Path, *extra: str) -> subprocess.CompletedProcess:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "pipeline.train.distributed",
         "--params",
