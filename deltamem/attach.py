@@ -85,7 +85,7 @@ class DeltaMemController:
         self.attention_mask: torch.Tensor | None = None
         # None: record the mean β (for beta_sparsity_loss) only when autograd is on, i.e. in training
         self.record_stats: bool | None = None
-        self.beta_means: dict[int, torch.Tensor] = {}  # mean β over the last call's tokens, per layer
+        self.beta_means: dict[int, torch.Tensor] = {}  # per layer: each row's mean β over the last call's tokens [B]
         self._pending: dict[int, dict[str, torch.Tensor] | None] = {}
         self._mask_cache: tuple[Any, int, int, torch.Tensor | None] | None = None
         self._mask_weight_cache: tuple[torch.Tensor, torch.dtype, torch.Tensor] | None = None
@@ -308,7 +308,9 @@ class DeltaMemController:
         return [p for _, p in self.named_parameters()]
 
     def beta_sparsity_loss(self, target: float = 0.05) -> torch.Tensor:
-        """The paper's write-sparsity term: mean over layers of (mean β of the last call − target)²."""
+        """The paper's write-sparsity term, per episode: mean over layers ℓ and batch rows e of
+        (β̄_{e,ℓ} − target)², β̄_{e,ℓ} the mean β of row e's unmasked tokens in the last call. With one episode
+        per row, this is each episode's term averaged over the batch (for batch 1 the paper's term)."""
         if not self.beta_means:
             raise RuntimeError(
                 "no β recorded: run a forward pass with a memory state first, with autograd on (training) "

@@ -282,9 +282,10 @@ class DeltaMemLayer(nn.Module):
         ``state_out`` (inference, in-place decoding): a [B, H, r, r] buffer of the compute dtype (``state``
         itself may be it) that the one-token lean step writes the new state into and returns; other
         paths ignore it (the caller copies).
-        Returns (corrections, new state or None when read-only, mean β or None): the corrections are one
-        tensor per branch in ``config.branches`` order, [B, T, out_features] in x's dtype. ``stats`` asks
-        for the masked mean β (the write-sparsity loss needs it); it is skipped otherwise.
+        Returns (corrections, new state or None when read-only, mean β per row or None): the corrections are
+        one tensor per branch in ``config.branches`` order, [B, T, out_features] in x's dtype. ``stats`` asks
+        for each row's mean β over its unmasked tokens ([B]; the write-sparsity loss needs it); it is
+        skipped otherwise.
         """
         cfg = self.config
         out_dtype = x.dtype
@@ -332,10 +333,10 @@ class DeltaMemLayer(nn.Module):
         if stats:
             beta = beta.view(B, T, H, r)
             if mask is None:
-                beta_mean = beta.mean()
+                beta_mean = beta.mean((1, 2, 3))
             else:
                 w = mask.view(B, T, 1, 1).to(beta.dtype)
-                beta_mean = (beta * w).sum() / (w.sum() * H * r).clamp_min(1.0)
+                beta_mean = (beta * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * H * r).clamp_min(1.0)
         return out, new_state, beta_mean
 
     def _decode(
@@ -400,9 +401,10 @@ class DeltaMemLayer(nn.Module):
         beta_mean = None
         if stats:
             if mask_weight is None:
-                beta_mean = beta.mean()
+                beta_mean = beta.mean((1, 2, 3))
             else:
-                beta_mean = (beta * mask_weight).sum() / (mask_weight.sum() * H * r).clamp_min(1.0)
+                valid = mask_weight.sum((1, 2, 3)) * H * r
+                beta_mean = (beta * mask_weight).sum((1, 2, 3)) / valid.clamp_min(1.0)
         return out, new_state, beta_mean
 
     def _corrections(

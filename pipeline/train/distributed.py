@@ -11,11 +11,12 @@ The recipe, parameters (the ``train`` section of params.yaml) and outputs of the
   :class:`~pipeline.train.trainer.EpisodeSampler` and keeps its own slice, so a run sees the episodes (in
   order) of a single-process run with ``batch_size × world_size``; the global batch is
   ``batch_size × grad_accum × world_size`` episodes.
-* The loss of a micro-batch is that single-process run's loss: answer CE averaged over the answer tokens of
-  *all* ranks, plus the β-sparsity term of the mean β over *all* ranks' read tokens. One all-reduce of a few
-  numbers per micro-batch gives the global counts and means, and each rank back-propagates a surrogate whose
-  rank-averaged gradient (what ZeRO reduces) is the gradient of that global loss. Losses and the adapter
-  match the single-process run up to float rounding (``tests/pipeline/train/test_distributed.py``).
+* The loss is the single-process run's: the mean over episodes of each episode's answer CE + β-sparsity
+  term (:func:`~pipeline.train.trainer.episode_forward`). Every rank holds ``batch_size`` episodes, so the
+  rank average of the gradients that ZeRO takes is the gradient of the mean over all of them, and
+  accumulation averages equal-sized micro-batches: any split of the global batch trains the same objective.
+  Losses and the adapter match the single-process run up to float rounding
+  (``tests/pipeline/train/test_distributed.py``).
 * DeepSpeed ZeRO-2 partitions the δ-mem gradients and AdamW states over the ranks: ``model_parameters`` and
   the plain ``torch.optim.AdamW`` hold δ-mem parameters only; the backbone is frozen, replicated and in
   eval mode. Gradient accumulation and clipping are DeepSpeed's (config ``"auto"`` values are filled from
@@ -51,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.train.trainer import Backend, CheckpointError, TrainConfig, answer_loss, episode_logits
+from pipeline.train.trainer import Backend, CheckpointError, TrainConfig, episode_forward
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DS_CONFIG = REPO_ROOT / "cluster" / "deepspeed" / "zero2.json"
@@ -117,15 +118,14 @@ def deepspeed_config(template: dict[str, Any] | str | os.PathLike, cfg: TrainCon
 
 # --- the loss ------------------------------------------------------------------------------------------
 class EpisodeObjective(nn.Module):
-    """A micro-batch of episodes → this rank's surrogate loss; DeepSpeed's engine wraps this module.
+    """A micro-batch of episodes → this rank's loss; DeepSpeed's engine wraps this module.
 
-    The whole episode (write the context, read question + answer) runs in ``forward``. With global counts
-    from one all-reduce (N answer tokens, M read tokens, mean β per layer m_ℓ over all ranks), rank r returns
-
-        W · [ CE_sum_r / N + w_β · Σ_ℓ 2 (m_ℓ − target)/L · (M_r / M) · β̄_{r,ℓ} ]      (m_ℓ detached)
-
-    whose average over the W ranks has the gradient of the global loss CE_sum / N + w_β · mean_ℓ (m_ℓ −
-    target)². ``last`` holds the global loss, answer CE and token counts of the call (equal on every rank).
+    The whole episode (write the context, read question + answer) runs in ``forward``, which returns
+    :func:`~pipeline.train.trainer.episode_forward`'s loss: the mean over this rank's episodes of each
+    episode's CE + β-sparsity term. Every rank holds the same number of episodes, so the rank average that
+    ZeRO takes of the gradients is the gradient of the mean over all ranks' episodes — the single-process
+    objective, with nothing to exchange. ``last`` holds the loss, answer CE and token counts of the call over
+    all ranks (one all-reduce of five numbers, for logging; equal on every rank).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
@@ -137,33 +137,24 @@ class EpisodeObjective(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         import torch.distributed as dist
 
-        logits, labels = episode_logits(self.model, batch, "written")
-        ce_sum, n_answer = answer_loss(logits, labels, reduction="sum")
-        means = self.model.delta_mem.beta_means
-        betas = torch.stack([means[i] for i in sorted(means)])  # the read call's mean β per layer
-        n_read = int(batch["read_mask"].sum())
-        tokens = int(batch["write_mask"].sum()) + n_read
-        head = torch.tensor([n_answer, n_read, tokens], dtype=torch.float64, device=ce_sum.device)
-        stats = torch.cat([head, ce_sum.detach().double().reshape(1), betas.detach().double() * n_read])
-        world = 1
+        loss, ce, n_answer = episode_forward(self.model, batch, "written", self.cfg)
+        episodes = batch["read_ids"].shape[0]
+        tokens = int(batch["write_mask"].sum() + batch["read_mask"].sum())
+        stats = torch.tensor(
+            [float(loss.detach()) * episodes, float(ce.detach()) * episodes, episodes, n_answer, tokens],
+            dtype=torch.float64,
+            device=loss.device,
+        )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
-            world = dist.get_world_size()
-        n_all, m_all, tokens_all, ce_all = stats[:4].tolist()
-        beta_mean = stats[4:] / max(m_all, 1.0)
-        w, target = self.cfg.beta_sparsity_weight, self.cfg.beta_sparsity_target
-        surrogate = ce_sum / max(n_all, 1.0)
-        if w:
-            coef = 2.0 * (beta_mean - target) / len(betas) * (n_read / max(m_all, 1.0))
-            surrogate = surrogate + w * (coef.to(betas.dtype) * betas).sum()
-        ce = ce_all / max(n_all, 1.0)
+        loss_all, ce_all, episodes_all, n_all, tokens_all = stats.tolist()
         self.last = {
-            "loss": ce + w * float(((beta_mean - target) ** 2).mean()),
-            "answer_ce": ce,
+            "loss": loss_all / episodes_all,
+            "answer_ce": ce_all / episodes_all,
             "answer_tokens": n_all,
             "tokens": tokens_all,
         }
-        return surrogate * world
+        return loss
 
 
 # --- the backend of the training loop ------------------------------------------------------------------

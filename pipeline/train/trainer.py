@@ -6,6 +6,8 @@ Per episode (SPEC "Training"):
     logits = read(system + question + answer, memory=S)   # a separate forward, positions from 0, no KV
     loss = CE(answer tokens) + w_β · mean_layers (mean β over read tokens − target)²
 
+and a step minimises the mean of that loss over the episodes of its global batch (see :func:`episode_forward`).
+
 Only δ-mem parameters train (fp32 master weights); the backbone is frozen and in eval mode (no dropout).
 AdamW, cosine or linear schedule with warm-up, gradient clipping and accumulation. Checkpoints are atomic
 directories ``checkpoints/step-NNNNNN`` (adapter + optimizer/scheduler/sampler/RNG state), the last K
@@ -118,9 +120,14 @@ def collate_episodes(batch: Sequence[PackedExample], pad_id: int) -> dict[str, t
     }
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits in fp32 for the CE; fp32 and fp64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, int]:
     """CE over answer tokens (labels shifted by one; mean, or sum for ``reduction="sum"``) and their count."""
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    shift_logits, shift_labels = _at_least_fp32(logits[:, :-1]), labels[:, 1:]
     n = int((shift_labels != IGNORE_INDEX).sum())
     loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
@@ -151,20 +158,39 @@ def episode_logits(
     return read.logits, b["labels"]
 
 
+def episode_answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each episode's mean CE over its own answer tokens ([B]; 0 for an episode without any) and their
+    counts ([B])."""
+    shift_logits, shift_labels = _at_least_fp32(logits[:, :-1]), labels[:, 1:]
+    per_token = F.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # [B, T-1], 0 where ignored
+    n = (shift_labels != IGNORE_INDEX).sum(1)
+    return per_token.sum(1) / n.clamp_min(1), n
+
+
 def episode_forward(
     model: Any, batch: dict[str, torch.Tensor], memory: str = "written", sparsity: TrainConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(total loss, answer CE, answer tokens) of a batch.
+    """(loss, answer CE, answer tokens) of a batch, each loss the mean over its episodes:
+
+        loss = mean_e [ CE_e + w_β · mean_ℓ (β̄_{e,ℓ} − target)² ]
+
+    with CE_e the mean CE over episode e's answer tokens and β̄_{e,ℓ} its mean β over its read tokens in
+    layer ℓ — the paper's per-episode objective (its reference trains on micro-batches of one episode).
+    A mean over episodes does not depend on how a global batch is split into micro-batches, accumulation
+    steps and ranks (each holds the same number of episodes), so every split trains the same objective.
 
     memory: ``written`` (write the context, read from the state), ``none`` (the frozen backbone, question
     only) or ``shuffled`` (the state of another episode of the batch: a control for format-only learning).
     """
     logits, labels = episode_logits(model, batch, memory)
-    ce, n = answer_loss(logits, labels)
+    ce_e, n = episode_answer_ce(logits, labels)
+    ce = ce_e.mean()
     loss = ce
     if memory != "none" and sparsity is not None and sparsity.beta_sparsity_weight:
         loss = ce + sparsity.beta_sparsity_weight * model.delta_mem.beta_sparsity_loss(sparsity.beta_sparsity_target)
-    return loss, ce, n
+    return loss, ce, int(n.sum())
 
 
 def _context_key(ep: PackedExample) -> tuple[tuple[int, ...], ...]:
@@ -202,8 +228,8 @@ def evaluate_loss(
     total, count = 0.0, 0
     for start in range(0, len(episodes), batch_size):
         chunk = episodes[start : start + batch_size]
-        _, ce, n = episode_forward(model, collate_episodes(chunk, pad_id), memory)
-        total, count = total + float(ce) * n, count + n
+        ce_sum, n = answer_loss(*episode_logits(model, collate_episodes(chunk, pad_id), memory), reduction="sum")
+        total, count = total + float(ce_sum), count + n
     return total / max(count, 1)
 
 

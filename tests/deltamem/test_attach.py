@@ -229,3 +229,27 @@ def test_generate_memory_kwargs_without_memory_rejected():
     model, _ = attached()
     with pytest.raises(ValueError, match="without memory"):
         model(ids(), memory_write=True)
+
+
+@pytest.mark.parametrize("mode", ["TSW", "SSW"])
+def test_beta_statistics_are_per_episode(mode):
+    """beta_means holds each row's mean β over its own unmasked tokens, and beta_sparsity_loss averages the
+    rows' terms: a padded batch of two gives what the two episodes give one at a time."""
+    model, _ = attached(write_mode=mode)
+    hist, q = ids(B=2, T=16, seed=21), ids(B=2, T=10, seed=22)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding: row 1 has 6 read tokens
+    state = write(model, hist, mode)
+    model(q, attention_mask=mask, memory=state)
+    batch_means = {i: m.detach().clone() for i, m in model.delta_mem.beta_means.items()}
+    batch_loss = float(model.delta_mem.beta_sparsity_loss(0.05).detach())
+    singles = []
+    for row, length in ((0, 10), (1, 6)):
+        s = write(model, hist[row : row + 1], mode)
+        model(q[row : row + 1, :length], memory=s)
+        for i, m in model.delta_mem.beta_means.items():
+            assert m.shape == (1,)
+            torch.testing.assert_close(batch_means[i][row], m[0], rtol=1e-5, atol=1e-7)
+        singles.append(float(model.delta_mem.beta_sparsity_loss(0.05).detach()))
+    assert all(m.shape == (2,) for m in batch_means.values())
+    assert batch_loss == pytest.approx(sum(singles) / 2, rel=1e-5)

@@ -149,3 +149,35 @@ def test_gradient_checkpointing_trains_the_same_adapter(episodes, smol_tokenizer
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     assert [r["loss"] for r in hb] == pytest.approx([r["loss"] for r in ha], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["TSW", "SSW"])
+def test_objective_does_not_depend_on_how_the_global_batch_is_split(episodes, smol_tokenizer, tmp_path, mode):
+    """float64: batch 4 × accum 1, 2 × 2 and 1 × 4 train the same adapter — the loss is a mean over episodes.
+
+    A token-weighted CE per micro-batch, or the β term of a micro-batch's mean β, would make them differ:
+    the episodes' answers and read segments have different lengths (checked)."""
+    from deltamem import attach_delta_mem
+
+    pad = smol_tokenizer.eos_token_id
+    assert len({sum(1 for t in ep.read_labels if t != -100) for ep in episodes[:4]}) > 1
+    assert len({len(ep.read_input_ids) for ep in episodes[:4]}) > 1
+    config = DeltaMemConfig(write_mode=mode, memory_dtype="backbone")  # the memory in float64 too
+    runs = {}
+    for batch, accum in ((4, 1), (2, 2), (1, 4)):
+        cfg = TrainConfig(
+            steps=2, batch_size=batch, grad_accum=accum, lr=1e-2, warmup_ratio=0.0, checkpoint_every=0,
+            beta_sparsity_weight=1.0,
+        )  # fmt: skip
+        model = attach_delta_mem(tiny(len(smol_tokenizer)), config).double()
+        result = train(model, episodes, pad, config, cfg, tmp_path / f"{batch}x{accum}", progress=False)
+        runs[batch, accum] = (result.history, {n: p.detach().clone() for n, p in model.delta_mem.named_parameters()})
+    want_history, want = runs[4, 1]
+    assert all(t.dtype == torch.float64 for t in want.values())
+    for split in ((2, 2), (1, 4)):
+        history, got = runs[split]
+        for g, w in zip(history, want_history, strict=True):
+            for key in ("loss", "answer_ce", "grad_norm"):
+                assert g[key] == pytest.approx(w[key], rel=1e-12), (split, g["step"], key)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14, msg=f"{split} {name}")
