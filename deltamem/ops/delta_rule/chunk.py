@@ -76,7 +76,7 @@ def delta_rule_chunk(
     def rows(x: torch.Tensor) -> torch.Tensor:  # [B, N*C, H, r] -> [B, H, N, R=r, C]
         return x.view(B, N, C, H, r).permute(0, 3, 1, 4, 2)
 
-    # one contiguous copy each; the tokens get a leading 0 coordinate, matching [1; s]
+    # contiguous copies; the tokens get a leading 0 coordinate, matching the 1 of [1; s]
     qkc = F.pad(torch.stack([tokens(q), tokens(k)]), (1, 0))  # [2, B, H, N, C, 1 + r]
     qc, kc = qkc
     vr, a, b, c = torch.stack([rows(x) for x in (v, keep, erase, write)])  # [B, H, N, R, C]
@@ -94,8 +94,8 @@ def delta_rule_chunk(
 
     lower = decay * (b.unsqueeze(-1) * kk)  # strictly lower; the unit diagonal is implied
     x = torch.stack([-b * gamma_prev, to_end]).unsqueeze(-1) * kc.unsqueeze(3)  # [2, .., R, C, 1 + r]
-    rhs, ke = x[0], x[1]  # rhs = [· | −b Γ_{t-1} k_t], ke = (Γ_C/Γ_j) [0, k_j]
-    rhs[..., 0] = c * vr
+    rhs, ke = x[0], x[1]  # ke = (Γ_C/Γ_j) [0, k_j]
+    rhs[..., 0] = c * vr  # rhs = [c_t v_t | −b_t Γ_{t-1} k_t]
     # X Lᵀ = Bᵀ with Lᵀ upper: the transposed views are the column-major layout LAPACK takes without copies
     sol = torch.linalg.solve_triangular(lower.mT, rhs.mT, upper=True, left=False, unitriangular=True).mT
     # the map [1; s_0] -> [1; s_C]: rows 1.. are [Σ_j (Γ_C/Γ_j) u_j k_j | −Σ_j (Γ_C/Γ_j) k_j W_jᵀ] + diag(1, Γ_C)
