@@ -11,6 +11,9 @@ Measures (median of --repeats runs, after one warm-up):
 * decode: one token with a KV cache after a 512-token prompt (attention mask of ones, as ``generate``
   passes it), backbone vs attached (read-only and writing); the three take turns token by token and the
   medians are reported;
+* ``--layer``: one attached layer's call alone (``DeltaMemLayer.forward`` under ``no_grad``, writing and
+  read-only, random hidden states, interleaved medians) at the prefill lengths: less load-sensitive than the
+  whole prefill, and ×layers it is the memory's own cost (the two correction adds and cache effects aside);
 * op counts (``torch.profiler``, load-independent): aten ops of one decode token, backbone vs attached,
   as extra ops per attached layer (after one untimed token per variant). ``top`` counts the ops the
   Python code dispatches (an op called inside another aten op is not counted again), ``all`` every aten
@@ -77,8 +80,38 @@ def bench_scan(lengths: list[int], repeats: int) -> list[dict]:
 
 
 @torch.no_grad()
+def bench_layer(model, lengths: list[int], repeats: int) -> list[dict]:
+    """One attached layer's writing and read-only call at each T (ms, interleaved medians of 4·repeats)."""
+    layers = model.delta_mem.layers
+    layer = layers[next(iter(layers))]
+    d, H, r = model.config.hidden_size, layer.num_substates, layer.rank
+    rows = []
+    for T in lengths:
+        g = torch.Generator().manual_seed(T)
+        x = torch.randn(1, T, d, generator=g)
+        state = torch.randn(1, H, r, r, generator=g) * 0.1
+        t = interleaved(
+            {"write": lambda x=x, s=state: layer(x, s, write=True), "read": lambda x=x, s=state: layer(x, s)},
+            4 * repeats,
+        )
+        row = {"T": T, "write_ms": t["write"] * 1e3, "read_ms": t["read"] * 1e3, "layers": len(layers)}
+        rows.append(row)
+        print(
+            f"layer call T={T:5d}  writing {row['write_ms']:6.2f} ms  read-only {row['read_ms']:6.2f} ms  "
+            f"(×{len(layers)} layers: {row['write_ms'] * len(layers):6.1f} / {row['read_ms'] * len(layers):6.1f} ms)",
+            flush=True,
+        )
+    return rows
+
+
+@torch.no_grad()
 def bench_model(
-    lengths: list[int], repeats: int, decode_steps: int, detail: bool = False, timings: bool = True
+    lengths: list[int],
+    repeats: int,
+    decode_steps: int,
+    detail: bool = False,
+    timings: bool = True,
+    layer: bool = False,
 ) -> tuple[list[dict], dict, dict, dict]:
     from deltamem.backbones import load_embedded
 
@@ -89,6 +122,8 @@ def bench_model(
     if not timings:
         _, ops = bench_decode(model, decode_steps, g, detail=detail, timings=False)
         return [], {}, ops, info
+    if layer:
+        info["layer_call"] = bench_layer(model, lengths, repeats)
     decoder = model.delta_mem.decoder
     rows = []
     for T in lengths:
@@ -241,6 +276,7 @@ def main() -> None:
         action="store_true",
         help="op counts only (no timings): updates decode_ops in the result file, keeping its other fields",
     )
+    ap.add_argument("--layer", action="store_true", help="also time one attached layer's call alone (see above)")
     ap.add_argument("--ops-detail", action="store_true", help="print the extra aten events per layer by (op, parent)")
     ap.add_argument("--out", default=None, help="result file (default bench/results/core_overhead_<device>.json)")
     args = ap.parse_args()
@@ -270,7 +306,7 @@ def main() -> None:
             "scan": [] if args.no_scan else bench_scan(scan_T, args.repeats),
         }
         result["prefill"], result["decode"], result["decode_ops"], result["model"] = bench_model(
-            model_T, args.repeats, args.decode_steps, detail=args.ops_detail
+            model_T, args.repeats, args.decode_steps, detail=args.ops_detail, layer=args.layer
         )
         result["loadavg_after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)

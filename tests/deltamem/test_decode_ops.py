@@ -138,3 +138,14 @@ def test_decode_step_inductor():
                 torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=1e-6)
             for a, b in zip(got[0], ref[0], strict=True):
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_bench_layer_call_times_both_modes():
+    """``bench/core_overhead.py --layer``: one attached layer's writing and read-only call, per length."""
+    from bench.core_overhead import bench_layer
+
+    model = tiny_model()
+    attach_delta_mem(model, DeltaMemConfig())
+    rows = bench_layer(model, [5, 40], repeats=1)
+    assert [r["T"] for r in rows] == [5, 40]
+    assert all(r["write_ms"] > 0 and r["read_ms"] > 0 and r["layers"] == 2 for r in rows)

@@ -102,3 +102,40 @@ def test_dispatch_and_errors():
     torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="backend"):
         delta_rule(*xs, backend="cuda")
+
+
+def extreme_gates(B, T, H, r, dtype, seed=0):
+    """Gates at the ends of their range: keep ≈ 0 (the decay ratios underflow), keep ≈ 1 over long runs,
+    erase ≈ 0 and ≈ 1; the chunked form clamps its decay exponents at log(tiny) and must stay exact."""
+    xs, s0, mask = random_inputs(B, T, H, r, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    u = torch.rand(B, T, H, r, generator=g, dtype=dtype)
+    keep = torch.where(u < 0.3, 1e-6, torch.where(u < 0.7, 1 - 1e-7, 0.5))  # strong, long, middling
+    erase = torch.where(torch.rand(B, T, H, r, generator=g, dtype=dtype) < 0.5, 1 - 1e-6, 1e-6)
+    q, k, v, _, _, write = (x.detach() for x in xs)
+    xs = [t.clone().requires_grad_() for t in (q, k, v, keep.to(dtype), erase.to(dtype), write)]
+    return xs, s0, mask
+
+
+def test_chunk_matches_naive_extreme_gates_float64():
+    xs, s0, mask = extreme_gates(2, 70, 2, 8, torch.float64, seed=11)
+    r1, f1, g1 = grads(delta_rule_naive, xs, s0, mask)
+    r2, f2, g2 = grads(delta_rule_chunk, xs, s0, mask)
+    torch.testing.assert_close(r2, r1, atol=1e-10, rtol=0)
+    torch.testing.assert_close(f2, f1, atol=1e-10, rtol=0)
+    for name, a, b in zip(["q", "k", "v", "keep", "erase", "write", "s0"], g1, g2, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-9, msg=f"grad {name}")
+
+
+def test_chunk_extreme_gates_float32_close_to_float64():
+    """fp32 on gates whose decay ratios fall far below the smallest normal float (keep = 1e-6 repeatedly)
+    and exact zeros (keep = 0): finite, and within fp32 rounding of the float64 reference."""
+    xs64, s064, mask = extreme_gates(2, 100, 2, 8, torch.float64, seed=5)
+    keep = xs64[3].detach().clone()
+    keep[:, ::7] = 0.0  # exact zeros: log clamps at log(tiny)
+    xs64[3] = keep
+    ref_r, ref_s = delta_rule_naive(*(x.detach() for x in xs64), initial_state=s064.detach(), mask=mask)
+    reads, final = delta_rule_chunk(*(x.detach().float() for x in xs64), initial_state=s064.detach().float(), mask=mask)
+    assert torch.isfinite(reads).all() and torch.isfinite(final).all()
+    assert (reads.double() - ref_r).abs().max() <= 1e-5 * ref_r.abs().max()
+    assert (final.double() - ref_s).abs().max() <= 1e-5 * ref_s.abs().max()

@@ -11,19 +11,24 @@ Substituting it into w_t gives a unit lower-triangular system for all w of the c
 
     w_t + b_t Σ_{j<t} (Γ_{t-1}/Γ_j) ⟨k_j, k_t⟩ w_j = c_t v_t − b_t Γ_{t-1} ⟨s_0, k_t⟩,
 
-so w = u − W s_0 with u and W from one triangular solve that does not depend on s_0 (the UT/WY trick).
-Then, per chunk,
+so w = u − W s_0 with u and W from one triangular solve that does not depend on s_0 (the UT/WY trick);
+it is solved for [u | −W] at once, so that w = [u | −W] [1; s_0]. Then, per chunk,
 
     reads    r_t = Γ_{t-1} ⟨s_0, q_t⟩ + Σ_{j<t} (Γ_{t-1}/Γ_j) ⟨k_j, q_t⟩ w_j   (read before write)
     end row  s_C = (Γ_C I − Σ_j (Γ_C/Γ_j) k_j W_jᵀ) s_0 + Σ_j (Γ_C/Γ_j) u_j k_j,
 
-an affine map of s_0. Everything except applying those C-token affine maps one after the other is
-computed for all chunks in parallel; reads come last, from the chunk-start states. Decay ratios are
-formed as exp(log Γ_a − log Γ_b) with a ≥ b, so they never exceed 1. Padding tokens get a = 1, b = c = 0:
-they leave the state as it is, and their reads are set to 0. Plain autograd differentiates all of it.
+an affine map of s_0, applied as one (1+r)×(1+r) matrix to [1; s_0] (one batched matmul per chunk). Only
+applying those maps one after the other is sequential; everything else is computed for all chunks at once,
+the reads last, from w and the chunk-start states. Decay ratios are formed as exp(log Γ_a − log Γ_b) with
+a ≥ b, so they never exceed 1, the exponent clamped at log(tiny): a ratio below the smallest normal float
+is as good as 0 and keeps the exp off the subnormal range (10–100× slower on CPU). Padding tokens get
+a = 1, b = c = 0: they leave the state as it is, and their reads are set to 0. Plain autograd
+differentiates all of it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +62,7 @@ def delta_rule_chunk(
         return q.new_zeros(B, 0, H, r), state
     if mask is not None:
         m = mask.view(B, T, 1, 1)
-        keep = torch.where(m, keep, torch.ones_like(keep))
-        erase = torch.where(m, erase, torch.zeros_like(erase))
-        write = torch.where(m, write, torch.zeros_like(write))
+        keep, erase, write = torch.where(m, keep, 1.0), torch.where(m, erase, 0.0), torch.where(m, write, 0.0)
     C = min(chunk_size, T)
     N = -(-T // C)
     pad = N * C - T
@@ -73,50 +76,49 @@ def delta_rule_chunk(
     def rows(x: torch.Tensor) -> torch.Tensor:  # [B, N*C, H, r] -> [B, H, N, R=r, C]
         return x.view(B, N, C, H, r).permute(0, 3, 1, 4, 2)
 
-    qc, kc = tokens(q), tokens(k)
-    vr, a, b, c = rows(v), rows(keep), rows(erase), rows(write)
+    # contiguous copies; the tokens get a leading 0 coordinate, matching the 1 of [1; s]
+    qkc = F.pad(torch.stack([tokens(q), tokens(k)]), (1, 0))  # [2, B, H, N, C, 1 + r]
+    qc, kc = qkc
+    vr, a, b, c = torch.stack([rows(x) for x in (v, keep, erase, write)])  # [B, H, N, R, C]
 
-    log_a = torch.log(a.clamp_min(torch.finfo(a.dtype).tiny))
+    tiny = torch.finfo(q.dtype).tiny
+    lo = math.log(tiny)
+    log_a = torch.log(a.clamp_min(tiny))
     cum = log_a.cumsum(-1)  # log Γ_t
     prev = cum - log_a  # log Γ_{t-1}
-    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)  # j < t
-    decay = (prev.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~strict, float("-inf")).exp()  # [..., R, C, C]
+    decay = (prev.unsqueeze(-1) - cum.unsqueeze(-2)).clamp_(lo, 0.0).exp_()  # Γ_{t-1}/Γ_j, [.., R, C, C]
+    strict = torch.ones(C, C, dtype=q.dtype, device=q.device).tril_(-1)  # j < t
+    qk, kk = (qkc @ kc.mT * strict).unsqueeze(4)  # [B, H, N, 1, C, C]
+    gamma_prev = prev.clamp_min(lo).exp()  # Γ_{t-1}
+    to_end = (cum[..., -1:] - cum).clamp_min(lo).exp()  # Γ_C/Γ_j
 
-    kk = (kc @ kc.transpose(-1, -2)).unsqueeze(3)  # [B, H, N, 1, C, C]
-    qk = (qc @ kc.transpose(-1, -2)).unsqueeze(3)
-    gamma_prev = prev.exp()  # Γ_{t-1}
+    lower = decay * (b.unsqueeze(-1) * kk)  # strictly lower; the unit diagonal is implied
+    x = torch.stack([-b * gamma_prev, to_end]).unsqueeze(-1) * kc.unsqueeze(3)  # [2, .., R, C, 1 + r]
+    rhs, ke = x[0], x[1]  # ke = (Γ_C/Γ_j) [0, k_j]
+    rhs[..., 0] = c * vr  # rhs = [c_t v_t | −b_t Γ_{t-1} k_t]
+    # X Lᵀ = Bᵀ with Lᵀ upper: the transposed views are the column-major layout LAPACK takes without copies
+    sol = torch.linalg.solve_triangular(lower.mT, rhs.mT, upper=True, left=False, unitriangular=True).mT
+    # the map [1; s_0] -> [1; s_C]: rows 1.. are [Σ_j (Γ_C/Γ_j) u_j k_j | −Σ_j (Γ_C/Γ_j) k_j W_jᵀ] + diag(1, Γ_C)
+    aug = ke.mT @ sol  # [B, H, N, R, 1 + r, 1 + r], row 0 is 0
+    gamma_end = cum[..., -1:].clamp_min(lo).exp().expand(*cum.shape[:-1], r)
+    aug.diagonal(0, -2, -1).add_(F.pad(gamma_end, (1, 0), value=1.0))
 
-    lower = b.unsqueeze(-1) * decay * kk  # strictly lower; the unit diagonal is implied
-    rhs = torch.cat(
-        [(c * vr).unsqueeze(-1), (b * gamma_prev).unsqueeze(-1) * kc.unsqueeze(3)], dim=-1
-    )  # [B, H, N, R, C, 1 + r]
-    sol = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
-    u, W = sol[..., 0], sol[..., 1:]  # w = u − W s_0
-
-    decay_qk = decay * qk
-    read_u = (decay_qk @ u.unsqueeze(-1)).squeeze(-1)  # [B, H, N, R, C]
-    read_s = gamma_prev.unsqueeze(-1) * qc.unsqueeze(3) - decay_qk @ W  # [B, H, N, R, C, r]
-
-    to_end = (cum[..., -1:] - cum).exp()  # Γ_C / Γ_j
-    gamma_end = cum[..., -1].exp()  # Γ_C, [B, H, N, R]
-    offset = torch.einsum("bhnrc,bhncd->bhnrd", to_end * u, kc)  # [B, H, N, R, r]
-    transfer = torch.einsum("bhnrc,bhncd,bhnrce->bhnrde", to_end, kc, W)  # [B, H, N, R, r, r]
-
-    # the only sequential part: per row and chunk the affine map s ← A s + o, A = Γ_C I − transfer; one
-    # batched multiply-add per chunk (rows of all batch elements and sub-states form the batch)
-    eye = torch.eye(r, dtype=transfer.dtype, device=transfer.device)
-    A = gamma_end[..., None, None] * eye - transfer  # [B, H, N, R, r, r]
-    A_n = A.permute(2, 0, 1, 3, 4, 5).reshape(N, B * H * r, r, r).unbind(0)
-    o_n = offset.permute(2, 0, 1, 3, 4).reshape(N, B * H * r, r, 1).unbind(0)
-    s = state.reshape(B * H * r, r, 1)
+    # the only sequential part: one batched matmul per chunk (rows of all batch elements and sub-states)
+    M = B * H * r
+    maps = aug.permute(2, 0, 1, 3, 4, 5).reshape(N, M, r + 1, r + 1).unbind(0)
+    s = F.pad(state.reshape(M, r, 1), (0, 0, 1, 0), value=1.0)  # [1; s_0]
     starts = []
     for n in range(N):
         starts.append(s)
-        s = torch.baddbmm(o_n[n], A_n[n], s)
-    s_start = torch.stack(starts).view(N, B, H, r, r).permute(1, 2, 0, 3, 4)  # [B, H, N, R, r]
-    s = s.view(B, H, r, r)
-    reads = read_u + (read_s @ s_start.unsqueeze(-1)).squeeze(-1)  # [B, H, N, R, C]
-    reads = reads.permute(0, 2, 4, 1, 3).reshape(B, N * C, H, r)[:, :T]
+        s = torch.bmm(maps[n], s)
+    s_start = torch.stack(starts).view(N, B, H, r, r + 1).permute(1, 2, 0, 3, 4)  # [1; s] [B, H, N, R, 1 + r]
+    s = s[:, 1:].view(B, H, r, r)
+
+    w = sol @ s_start.unsqueeze(-1)  # [.., R, C, 1]
+    reads = torch.baddbmm(
+        (gamma_prev * (s_start @ qc.mT)).view(-1, C, 1), (decay * qk).view(-1, C, C), w.view(-1, C, 1)
+    )  # [B·H·N·R, C, 1]
+    reads = reads.view(B, H, N, r, C).permute(0, 2, 4, 1, 3).reshape(B, N * C, H, r)[:, :T]
     if mask is not None:
-        reads = torch.where(mask.view(B, T, 1, 1), reads, torch.zeros_like(reads))
+        reads = torch.where(mask.view(B, T, 1, 1), reads, 0.0)
     return reads, s
