@@ -27,7 +27,7 @@ from torch import nn
 
 from .backbones import find_attention_layers
 from .config import DeltaMemConfig
-from .memory import DeltaMemLayer
+from .memory import DeltaMemLayer, FactoredCorrection
 from .state import MemoryState
 
 MEMORY_KWARGS = ("memory", "memory_write", "segment_ids", "memory_inplace")
@@ -209,9 +209,12 @@ class DeltaMemController:
         buf = state.layers[idx]
         # in-place decoding: the lean step writes straight into the state's own tensor (no copy after)
         out = buf if self.inplace and self.write and S is buf and not torch.is_grad_enabled() else None
+        # inference: corrections as factors, each added by the hook with one addmm_ (see FactoredCorrection)
+        factored = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         corr, new, beta_mean = layer(
-            x, S, mask, self.write, seg, stats, self._mask_weight(mask, layer.compute_dtype), state_out=out
-        )
+            x, S, mask, self.write, seg, stats, self._mask_weight(mask, layer.compute_dtype), state_out=out,
+            factored=factored,
+        )  # fmt: skip
         if new is not None:
             if self.inplace and new is not buf:
                 buf.copy_(new)
@@ -230,6 +233,8 @@ class DeltaMemController:
         delta = pending[branch]
         if branch == "o":
             self._pending[idx] = None  # o_proj is the last projection of this attention call
+        if isinstance(delta, FactoredCorrection):
+            return delta.add_to(out)
         # in place: the projection's output is a fresh tensor that its own backward does not need
         return out.add_(delta)
 

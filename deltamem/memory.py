@@ -35,7 +35,7 @@ tensors, padding folded into q, k and β). :meth:`project`, :meth:`corrections` 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,22 @@ def inverse_bounded_sigmoid(value: float, max_value: float) -> float:
     """ρ with m_max·σ(ρ) = value (clipped to [1e-4, 1 − 1e-4] of m_max, as the reference does)."""
     clipped = min(max(value / max_value, 1e-4), 1.0 - 1e-4)
     return math.log(clipped / (1.0 - clipped))
+
+
+class FactoredCorrection(NamedTuple):
+    """A correction kept as its two factors, Δh = reads · weight ([B·T, H·r] · [H·r, out]), so that the hook
+    adds it to the projection's output with one ``addmm_`` (no [B, T, out] tensor written and read back).
+    Used at inference only (no autograd, not under compilation), when the output has the compute dtype."""
+
+    reads: torch.Tensor
+    weight: torch.Tensor
+
+    def add_to(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` + Δh, in place."""
+        if out.is_contiguous() and out.dtype == self.reads.dtype:
+            out.view(-1, out.shape[-1]).addmm_(self.reads, self.weight)
+            return out
+        return out.add_(torch.mm(self.reads, self.weight).view(out.shape).to(out.dtype))
 
 
 class DeltaMemLayer(nn.Module):
@@ -79,6 +95,8 @@ class DeltaMemLayer(nn.Module):
         if config.delta_o_rmsnorm:  # inert (and frozen by attach) without an o branch, as in the reference
             self.delta_o_rmsnorm_weight = nn.Parameter(torch.ones(attn.o_proj.out_features))
         self._sizes = [self.out_features[b] for b in config.branches]
+        self._offsets = [sum(self._sizes[:i]) for i in range(len(self._sizes))]
+        self._columns_cache: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self._pack_cache: dict[tuple, tuple[tuple, Any]] = {}
         self._scale_cols: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters(attn)
@@ -273,6 +291,7 @@ class DeltaMemLayer(nn.Module):
         stats: bool = False,
         mask_weight: torch.Tensor | None = None,
         state_out: torch.Tensor | None = None,
+        factored: bool = False,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         """One attention call's memory step.
 
@@ -283,9 +302,10 @@ class DeltaMemLayer(nn.Module):
         itself may be it) that the one-token lean step writes the new state into and returns; other
         paths ignore it (the caller copies).
         Returns (corrections, new state or None when read-only, mean β per row or None): the corrections are
-        one tensor per branch in ``config.branches`` order, [B, T, out_features] in x's dtype. ``stats`` asks
-        for each row's mean β over its unmasked tokens ([B]; the write-sparsity loss needs it); it is
-        skipped otherwise.
+        one tensor per branch in ``config.branches`` order, [B, T, out_features] in x's dtype, or with
+        ``factored`` (inference: the controller's hooks) a :class:`FactoredCorrection` per branch where that
+        is the same sum. ``stats`` asks for each row's mean β over its unmasked tokens ([B]; the
+        write-sparsity loss needs it); it is skipped otherwise.
         """
         cfg = self.config
         out_dtype = x.dtype
@@ -300,7 +320,7 @@ class DeltaMemLayer(nn.Module):
         if T == 1 and not segments:
             if mask is not None and mask_weight is None:
                 mask_weight = mask.view(B, 1, 1, 1).to(cdt)
-            return self._decode(x, state, mask, mask_weight, write, stats, out_dtype, state_out)
+            return self._decode(x, state, mask, mask_weight, write, stats, out_dtype, state_out, factored)
         token_writes = write and not segments
         gates = token_writes or stats
         names = ("memory_q_proj", "memory_k_proj", "memory_v_proj") if token_writes else ("memory_q_proj",)
@@ -328,7 +348,7 @@ class DeltaMemLayer(nn.Module):
                 reads = torch.where(mask.view(B, T, 1, 1), reads, 0.0)
             if segments:
                 new_state = self._write_segment_means(state, x, mask, segment_ids)
-        out = self._corrections(reads.reshape(B * T, n), B, T, out_dtype, split=True)
+        out = self._corrections(reads.reshape(B * T, n), B, T, out_dtype, split=True, factored=factored)
         beta_mean = None
         if stats:
             beta = beta.view(B, T, H, r)
@@ -349,6 +369,7 @@ class DeltaMemLayer(nn.Module):
         stats: bool,
         out_dtype: torch.dtype,
         state_out: torch.Tensor | None = None,
+        factored: bool = False,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         """:meth:`forward` for one token (T = 1, token writes or read-only): the same function in a few
         dozen aten ops. Every operand is a strided view of a fresh tensor (the projection, its
@@ -397,7 +418,7 @@ class DeltaMemLayer(nn.Module):
                     None if mask is None else mask.view(B), backend=cfg.scan_backend,
                 )  # fmt: skip
                 reads = read.reshape(B, n)
-        out = self._corrections(reads, B, 1, out_dtype)
+        out = self._corrections(reads, B, 1, out_dtype, factored=factored)
         beta_mean = None
         if stats:
             if mask_weight is None:
@@ -408,14 +429,29 @@ class DeltaMemLayer(nn.Module):
         return out, new_state, beta_mean
 
     def _corrections(
-        self, reads: torch.Tensor, B: int, T: int, out_dtype: torch.dtype, split: bool = False
-    ) -> list[torch.Tensor]:
+        self,
+        reads: torch.Tensor,
+        B: int,
+        T: int,
+        out_dtype: torch.dtype,
+        split: bool = False,
+        factored: bool = False,
+    ) -> list[Any]:
         """reads [B·T, H·r] → one correction per branch [B, T, out_features] in ``out_dtype``: one matmul
         with the packed s·U (s scales the small weight rather than the [B, T, Σ out] product: one large
         tensor fewer, and bit-identical to s·(U r) for a power-of-two s, the default α/r = 2), one cast.
-        The branches are ``split`` (training-friendly backward) or taken as strided views (one op each)."""
+        The branches are ``split`` (training-friendly backward) or taken as strided views (one op each).
+        ``factored``: (reads, column slice of (s·U)ᵀ) per branch instead, which the hook adds with one
+        ``addmm_`` — when no cast and no RMSNorm of Δo stands between the product and the addition."""
         cfg = self.config
-        corr = torch.mm(reads, self._correction_weight_t())
+        wt = self._correction_weight_t()
+        if factored and out_dtype == reads.dtype and not (cfg.delta_o_rmsnorm and "o" in cfg.branches):
+            hit = self._columns_cache
+            if hit is None or hit[0] is not wt:  # the per-branch column views of the (cached) packed weight
+                pairs = zip(self._offsets, self._sizes, strict=True)
+                hit = self._columns_cache = (wt, [wt[:, o : o + n] for o, n in pairs])
+            return [FactoredCorrection(reads, cols) for cols in hit[1]]
+        corr = torch.mm(reads, wt)
         if corr.dtype != out_dtype:
             corr = corr.to(out_dtype)  # the one cast, for all branches
         sizes = self._sizes

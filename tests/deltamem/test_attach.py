@@ -253,3 +253,38 @@ def test_beta_statistics_are_per_episode(mode):
         singles.append(float(model.delta_mem.beta_sparsity_loss(0.05).detach()))
     assert all(m.shape == (2,) for m in batch_means.values())
     assert batch_loss == pytest.approx(sum(singles) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "branches"), [("TSW", ("q", "o")), ("SSW", ("q", "k", "v", "o")), ("MSW", ("o",))])
+def test_inference_adds_factored_corrections(mode, branches, monkeypatch):
+    """Under no_grad the hooks add each correction as reads · (s·U)ᵀ with one addmm_ (FactoredCorrection);
+    prefill (writing and read-only) and decoding give what the materialised corrections give (float64)."""
+    from deltamem.memory import FactoredCorrection
+
+    cfg = {"write_mode": mode, "branches": branches, "num_substates": 2 if mode == "MSW" else None}
+    model = attach_delta_mem(tiny_model("llama", "eager"), DeltaMemConfig(**cfg, memory_dtype="backbone")).double()
+    hist, q = ids(B=2, T=16, seed=31), ids(B=2, T=6, seed=32)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+
+    def run():
+        state = write(model, hist, mode)
+        logits = model(q, attention_mask=mask, memory=state).logits
+        step = model(q[:, -1:], memory=state, memory_write=True).logits  # one token: the decode path
+        return state, logits, step
+
+    calls = []
+    add_to = FactoredCorrection.add_to
+    monkeypatch.setattr(FactoredCorrection, "add_to", lambda self, out: calls.append(1) or add_to(self, out))
+    with torch.no_grad():
+        factored = run()
+    # three calls (write, read, one decode token) × layers × branches, SSW's segment write included
+    assert len(calls) == 3 * len(model.delta_mem.layers) * len(branches)
+    calls.clear()
+    with torch.enable_grad():  # autograd on: the corrections are materialised
+        plain = run()
+    assert not calls
+    for i in factored[0].layers:
+        torch.testing.assert_close(factored[0].layers[i], plain[0].layers[i].detach(), rtol=1e-12, atol=1e-12)
+    for got, want in zip(factored[1:], plain[1:], strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12, equal_nan=True)  # NaN: padded rows

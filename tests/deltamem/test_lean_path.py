@@ -47,7 +47,8 @@ def reference(layer, x, S, mask, write, seg):
     corr = layer.corrections(reads, x.dtype)
     beta = p["beta"]
     w = torch.ones(beta.shape[:2], dtype=beta.dtype) if mask is None else mask.to(beta.dtype)
-    beta_mean = (beta * w[:, :, None, None]).sum() / (w.sum() * beta.shape[2] * beta.shape[3])
+    per_row = w.sum(1) * beta.shape[2] * beta.shape[3]
+    beta_mean = (beta * w[:, :, None, None]).sum((1, 2, 3)) / per_row.clamp_min(1.0)  # each row's mean β
     return [corr[b] for b in cfg.branches], new, beta_mean
 
 
@@ -68,7 +69,8 @@ def assert_grads_match_reference(layer, x, S, mask, write, seg) -> None:
     def loss(res):
         corr, new, bm = res
         gw = torch.Generator().manual_seed(5)
-        total = sum((c * torch.randn(c.shape, generator=gw, dtype=c.dtype)).sum() for c in corr) + 3 * bm
+        total = sum((c * torch.randn(c.shape, generator=gw, dtype=c.dtype)).sum() for c in corr)
+        total = total + 3 * (bm * torch.randn(bm.shape, generator=gw, dtype=bm.dtype)).sum()
         if new is not None:
             total = total + (new * torch.randn(new.shape, generator=gw, dtype=new.dtype)).sum()
         return total
