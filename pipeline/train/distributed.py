@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.train.trainer import Backend, CheckpointError, TrainConfig, episode_forward
+from pipeline.train.trainer import Backend, CheckpointError, TrainConfig, batch_tokens, episode_forward
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DS_CONFIG = REPO_ROOT / "cluster" / "deepspeed" / "zero2.json"
@@ -139,7 +139,7 @@ class EpisodeObjective(nn.Module):
 
         loss, ce, n_answer = episode_forward(self.model, batch, "written", self.cfg)
         episodes = batch["read_ids"].shape[0]
-        tokens = int(batch["write_mask"].sum() + batch["read_mask"].sum())
+        tokens = batch_tokens(batch)
         stats = torch.tensor(
             [float(loss.detach()) * episodes, float(ce.detach()) * episodes, episodes, n_answer, tokens],
             dtype=torch.float64,

@@ -120,6 +120,11 @@ def collate_episodes(batch: Sequence[PackedExample], pad_id: int) -> dict[str, t
     }
 
 
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (unpadded) tokens a batch runs through the backbone: its write and read segments."""
+    return int(batch["write_mask"].sum() + batch["read_mask"].sum())
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 logits in fp32 for the CE; fp32 and fp64 as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -353,7 +358,7 @@ class Backend:
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         loss, ce, _ = episode_forward(self.model, batch, "written", self.cfg)
-        tokens = int(batch["write_mask"].sum() + batch["read_mask"].sum())
+        tokens = batch_tokens(batch)
         return loss, {"loss": float(loss.detach()), "answer_ce": float(ce.detach()), "tokens": tokens}
 
     def backward(self, loss: torch.Tensor) -> None:
